@@ -1,0 +1,1 @@
+"""dataloaders: compressed shards streamed into PyTorch training (see issue 5)."""

@@ -1,0 +1,3 @@
+from iosvc.cli import main
+
+main()

@@ -1,0 +1,366 @@
+"""The ``iosvc`` command: start/stop a local cluster, serve, and move files.
+
+Errors are printed as one line (``iosvc: error: …``) with exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from iosvc.config import ClusterSpec, find_cluster_file
+from iosvc.errors import IosvcError
+from iosvc.policies._units import format_size, parse_rate, parse_size
+
+app = typer.Typer(
+    name="iosvc",
+    help="iosvc: a burst-buffer I/O service with fair-share scheduling for HPC/AI clusters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ClusterOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cluster-file",
+        "-c",
+        help="Cluster file (default: $IOSVC_CLUSTER or the one `iosvc up` writes).",
+        show_default=False,
+    ),
+]
+
+# Progress bars only for transfers above this size.
+_PROGRESS_MIN = 32 * 1024 * 1024
+
+
+def _size(text: str | None) -> int | None:
+    return None if text is None else parse_size(text)
+
+
+def _client(cluster_file: Path | None) -> Any:
+    from iosvc.client import Client
+
+    return Client(cluster_file)
+
+
+def _progress() -> Progress:
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+# ------------------------------------------------------------------ cluster
+@app.command()
+def up(
+    servers: Annotated[int, typer.Option("--servers", "-n", help="Server processes to start.")] = 2,
+    memory: Annotated[
+        str | None, typer.Option(help="DRAM capacity per server, e.g. 1GiB (default store).")
+    ] = None,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Keep data on local disk under DIR instead.")
+    ] = None,
+    capacity: Annotated[str | None, typer.Option(help="Capacity per server with --dir.")] = None,
+    slots: Annotated[int, typer.Option(help="Concurrent I/O slots per server.")] = 16,
+    device_bandwidth: Annotated[
+        str | None, typer.Option(help="Emulated device bandwidth per server, e.g. 400MB/s.")
+    ] = None,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Start a local cluster of SERVERS processes on loopback and write its cluster file."""
+    from iosvc.server import LocalCluster
+
+    if memory is not None and directory is not None:
+        raise IosvcError("choose --memory or --dir, not both")
+    where = find_cluster_file(cluster_file)
+    if where.exists():
+        spec = ClusterSpec.load(where)
+        if any(_pid_alive(p) for p in spec.pids):
+            raise IosvcError(f"a cluster is already running ({where}); stop it with `iosvc down`")
+        where.unlink()
+    args = ["--slots", str(slots)]
+    if device_bandwidth:
+        args += ["--device-bandwidth", device_bandwidth]
+    workdir = where.parent / f"{where.stem}.d"
+    cluster = LocalCluster(
+        servers,
+        memory=_size(memory),
+        directory=directory,
+        capacity=_size(capacity),
+        server_args=args,
+        cluster_file=where,
+        workdir=workdir,
+    )
+    spec = cluster.start()
+    console.print(f"started {servers} iosvc servers ({spec.storage}); cluster file {where}")
+    for i, address in enumerate(spec.servers):
+        console.print(f"  server {i}: {address} (pid {spec.pids[i]})")
+    console.print(f"logs in {workdir}; stop with `iosvc down`")
+
+
+@app.command()
+def down(cluster_file: ClusterOpt = None) -> None:
+    """Stop the local cluster started by `iosvc up` and remove its cluster file."""
+    from iosvc.server import stop_pids
+
+    where = find_cluster_file(cluster_file)
+    spec = ClusterSpec.load(where)
+    killed = stop_pids(list(spec.pids))
+    where.unlink(missing_ok=True)
+    note = f" ({len(killed)} did not stop in time and were killed)" if killed else ""
+    console.print(f"stopped {len(spec.pids)} iosvc servers{note}")
+
+
+@app.command()
+def status(cluster_file: ClusterOpt = None) -> None:
+    """Show every server: address, storage, capacity, usage, files, queue."""
+    client = _client(cluster_file)
+    table = Table(title=f"iosvc cluster ({'secure' if client.spec.secure else 'open'} mode)")
+    for col in ("server", "address", "storage", "used", "capacity", "files", "queued", "uptime"):
+        table.add_column(col)
+    total_used = 0
+    for s in client.status():
+        total_used += s["used"]
+        cap = format_size(s["capacity"]) if s["capacity"] else "unbounded"
+        table.add_row(
+            str(s["index"]),
+            s["address"],
+            s["storage"],
+            format_size(s["used"]),
+            cap,
+            str(s["files"]),
+            str(s["queued"]),
+            f"{s['uptime']:.0f} s",
+        )
+    console.print(table)
+    if not client.spec.secure:
+        console.print("open mode: identities are declared by clients, not verified")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind (0: any free port).")] = 0,
+    index: Annotated[int | None, typer.Option(help="This server's index in --peers.")] = None,
+    peers: Annotated[
+        str | None, typer.Option(help="Comma-separated host:port of all servers, in order.")
+    ] = None,
+    memory: Annotated[str | None, typer.Option(help="Keep data in DRAM, up to SIZE.")] = None,
+    directory: Annotated[Path | None, typer.Option("--dir", help="Keep data under DIR.")] = None,
+    capacity: Annotated[str | None, typer.Option(help="Capacity with --dir.")] = None,
+    slots: Annotated[int, typer.Option(help="Concurrent I/O slots.")] = 16,
+    device_bandwidth: Annotated[
+        str | None, typer.Option(help="Emulated device bandwidth, e.g. 400MB/s.")
+    ] = None,
+    device_latency: Annotated[float, typer.Option(help="Emulated per-op latency (s).")] = 0.0,
+    gc_ttl: Annotated[float, typer.Option(help="Age (s) before unused chunks are reclaimed.")] = 600,
+    gc_interval: Annotated[float, typer.Option(help="Seconds between GC passes.")] = 60,
+    ready_file: Annotated[
+        str | None, typer.Option(help="Write 'host:port' here once listening.")
+    ] = None,
+) -> None:
+    """Run one iosvc server in the foreground (SIGTERM stops it gracefully)."""
+    from iosvc.server import ServerOptions, run
+
+    run(
+        ServerOptions(
+            host=host,
+            port=port,
+            index=index,
+            peers=peers.split(",") if peers else None,
+            memory=_size(memory),
+            directory=str(directory) if directory else None,
+            capacity=_size(capacity),
+            slots=slots,
+            device_bandwidth=parse_rate(device_bandwidth) if device_bandwidth else None,
+            device_latency=device_latency,
+            gc_ttl=gc_ttl,
+            gc_interval=gc_interval,
+            ready_file=ready_file,
+        )
+    )
+
+
+# -------------------------------------------------------------------- files
+@app.command()
+def ls(
+    path: Annotated[str, typer.Argument(help="Directory or file (default: the root).")] = "",
+    long: Annotated[bool, typer.Option("--long", "-l", help="Sizes and times.")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive", "-R", help="Every file below.")] = False,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """List a directory."""
+    import datetime
+
+    for entry in _client(cluster_file).ls(path, recursive=recursive):
+        name = entry["name"] + ("/" if entry["type"] == "directory" else "")
+        if long:
+            when = (
+                datetime.datetime.fromtimestamp(entry["mtime"]).strftime("%Y-%m-%d %H:%M")
+                if entry.get("mtime")
+                else "-"
+            )
+            console.print(f"{format_size(entry['size']):>10}  {when:16}  {name}", highlight=False)
+        else:
+            console.print(name, highlight=False)
+
+
+@app.command()
+def put(
+    local: Annotated[list[Path], typer.Argument(help="Local files or directories.")],
+    remote: Annotated[str, typer.Argument(help="Destination path (a directory if it ends in /).")],
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Copy directories.")] = False,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Copy local files into iosvc."""
+    client = _client(cluster_file)
+    pairs: list[tuple[Path, str]] = []
+    into_dir = remote.endswith("/") or len(local) > 1
+    for src in local:
+        if src.is_dir():
+            if not recursive:
+                raise IosvcError(f"{src} is a directory (use -r)")
+            base = remote.rstrip("/") + "/" + src.name if into_dir else remote.rstrip("/")
+            for file in sorted(p for p in src.rglob("*") if p.is_file()):
+                pairs.append((file, f"{base}/{file.relative_to(src).as_posix()}"))
+        elif src.is_file():
+            pairs.append((src, f"{remote.rstrip('/')}/{src.name}" if into_dir else remote))
+        else:
+            raise IosvcError(f"no such local file: {src}")
+    total = sum(p.stat().st_size for p, _ in pairs)
+    with _progress() as progress:
+        task = progress.add_task("put", total=total, visible=total >= _PROGRESS_MIN)
+        small = {dst: src.read_bytes() for src, dst in pairs if src.stat().st_size <= 1 << 20}
+        if small:
+            client.write_many(small)
+            progress.update(task, advance=sum(len(v) for v in small.values()))
+        for src, dst in pairs:
+            if dst not in small:
+                client.put_file(src, dst, progress=lambda n: progress.update(task, advance=n))
+    err_console.print(f"put {len(pairs)} files, {format_size(total)}")
+
+
+@app.command()
+def get(
+    remote: Annotated[str, typer.Argument(help="iosvc file or directory.")],
+    local: Annotated[Path, typer.Argument(help="Local destination.")],
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Copy directories.")] = False,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Copy files out of iosvc."""
+    client = _client(cluster_file)
+    info = client.info(remote)
+    if info["type"] == "directory":
+        if not recursive:
+            raise IosvcError(f"{remote} is a directory (use -r)")
+        base = info["name"]
+        entries = client.ls(base, recursive=True)
+        pairs = [(e, local / e["name"][len(base) :].lstrip("/")) for e in entries]
+    else:
+        dst = local / Path(info["name"]).name if local.is_dir() else local
+        pairs = [(info, dst)]
+    total = sum(e["size"] for e, _ in pairs)
+    with _progress() as progress:
+        task = progress.add_task("get", total=total, visible=total >= _PROGRESS_MIN)
+        for entry, dst in pairs:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            client.get_file(entry["name"], dst, progress=lambda n: progress.update(task, advance=n))
+    err_console.print(f"got {len(pairs)} files, {format_size(total)}")
+
+
+@app.command()
+def cat(
+    path: Annotated[str, typer.Argument(help="iosvc file.")],
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Write a file's bytes to standard output."""
+    from fsspec.asyn import get_loop, sync
+
+    client = _client(cluster_file)
+    out = sys.stdout.buffer
+
+    async def stream() -> None:
+        async for block in client.aio.iter_chunks(path):
+            out.write(block)
+
+    sync(get_loop(), stream)
+    out.flush()
+
+
+@app.command()
+def rm(
+    paths: Annotated[list[str], typer.Argument(help="Files (or directories with -r).")],
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Remove directories.")] = False,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Remove files."""
+    client = _client(cluster_file)
+    if not recursive:
+        for path in paths:
+            if client.info(path)["type"] == "directory":
+                raise IosvcError(f"{path} is a directory (use -r)")
+    client.rm(paths, recursive=recursive)
+
+
+@app.command()
+def du(
+    path: Annotated[str, typer.Argument(help="Directory (default: the root).")] = "",
+    summarize: Annotated[bool, typer.Option("--summarize", "-s", help="Total only.")] = False,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Bytes used under a path, per top-level entry."""
+    client = _client(cluster_file)
+    info = client.info(path) if path else {"type": "directory", "name": ""}
+    entries = [info] if info["type"] == "file" else client.ls(path, recursive=True)
+    base = info["name"]
+    totals: dict[str, int] = {}
+    for entry in entries:
+        rest = entry["name"][len(base) :].lstrip("/")
+        top = f"{base}/{rest.split('/')[0]}".lstrip("/") if rest else entry["name"]
+        totals[top] = totals.get(top, 0) + entry["size"]
+    if not summarize:
+        for name in sorted(totals):
+            console.print(f"{format_size(totals[name]):>10}  {name}", highlight=False)
+    console.print(f"{format_size(sum(totals.values())):>10}  total ({base or '/'})", highlight=False)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main() -> None:
+    """Console entry point: run the app, print errors as one line."""
+    try:
+        app()
+    except (IosvcError, OSError, ValueError) as exc:
+        err_console.print(f"[red]iosvc: error:[/red] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,633 @@
+"""``AsyncClient``: the real client implementation.
+
+Reads pull chunks from every server at once (one ``ReadChunks`` stream per server); writes push
+chunks to every server at once (one ``WriteChunks`` stream per server) and commit on the home
+server at close, so a file appears whole or not at all. Small files go in batches (one call per
+home server carries hundreds of files): a 4 KiB unary gRPC call costs ~0.2 ms of CPU here, so
+one call per file caps near 5k files/s (shared/reference/machine_limits.md, section 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+import weakref
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+import xxhash
+
+from iosvc import wire
+from iosvc.config import ClusterSpec
+from iosvc.errors import (
+    ERROR_BY_NAME,
+    DataCorruption,
+    InvalidArgument,
+    IosvcError,
+    IsADirectory,
+    NotFound,
+    Unavailable,
+)
+from iosvc.identity import JobIdentity
+from iosvc.placement import Placement, normalize_path
+
+__all__ = ["AsyncClient", "AsyncWriter", "FileInfo"]
+
+T = TypeVar("T")
+FileInfo = dict[str, Any]
+
+#: Files per batched call: large enough to amortise a call, small enough to pipeline.
+SMALL_BATCH = 256
+#: Bytes per batched write call.
+SMALL_BATCH_BYTES = 8 * 1024 * 1024
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+#: Chunks per write call to one server (kept for resending until acknowledged).
+_SEGMENT = 16
+
+_clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    # gRPC channels do not survive fork; the child makes fresh ones on first use.
+    for client in list(_clients):
+        client._channels = {}
+        client._loop = None
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _raise_entry(entry: list[Any], path: str) -> IosvcError:
+    cls = ERROR_BY_NAME.get(entry[0], IosvcError)
+    return cls(entry[1] if len(entry) > 1 else path)
+
+
+def _info(rec: dict[str, Any]) -> FileInfo:
+    if rec.get("k") == "d":
+        return {"name": rec["p"], "size": 0, "type": "directory"}
+    return {
+        "name": rec["p"],
+        "size": rec["s"],
+        "type": "file",
+        "mtime": rec.get("mt", 0.0),
+        "chunk_size": rec.get("cs"),
+        "version": rec.get("u"),
+        "checksums": rec.get("ck"),
+        "owner": rec.get("o"),
+    }
+
+
+class AsyncClient:
+    """Async client of one iosvc cluster.
+
+    Parameters
+    ----------
+    cluster
+        A :class:`ClusterSpec`, the path of a cluster file, or None to find the cluster file
+        (``$IOSVC_CLUSTER`` or the default written by ``iosvc up``).
+    identity
+        Who is asking; default :meth:`JobIdentity.from_env`.
+    chunk_size
+        Chunk size of files this client writes (default: the cluster's, 4 MiB).
+    retries
+        Attempts on ``UNAVAILABLE`` (server restarting or briefly unreachable), with
+        exponential backoff from 50 ms.
+    timeout
+        Deadline in seconds of each call.
+    """
+
+    def __init__(
+        self,
+        cluster: ClusterSpec | str | os.PathLike[str] | None = None,
+        *,
+        identity: JobIdentity | None = None,
+        chunk_size: int | None = None,
+        retries: int = 4,
+        timeout: float = 120.0,
+    ) -> None:
+        self.spec = cluster if isinstance(cluster, ClusterSpec) else ClusterSpec.load(cluster)
+        self.identity = identity or JobIdentity.from_env()
+        self.chunk_size = chunk_size or self.spec.chunk_size
+        if not 4096 <= self.chunk_size <= wire.MAX_CHUNK_SIZE:
+            raise InvalidArgument(f"chunk_size must be in [4096, {wire.MAX_CHUNK_SIZE}]")
+        self.placement = Placement(len(self.spec.servers))
+        self.retries = retries
+        self.timeout = timeout
+        self._id = self.identity.to_wire()
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        _clients.add(self)
+
+    @property
+    def n_servers(self) -> int:
+        return len(self.spec.servers)
+
+    # ------------------------------------------------------------- transport
+    def _channel(self, server: int) -> grpc.aio.Channel:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._channels = {}  # channels belong to the loop they were made on
+            self._loop = loop
+        channel = self._channels.get(server)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                self.spec.servers[server], options=wire.CHANNEL_OPTIONS
+            )
+            self._channels[server] = channel
+        return channel
+
+    async def _retry(self, server: int, attempt: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.05
+        for n in range(self.retries):
+            try:
+                return await attempt()
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code in _RETRYABLE and n + 1 < self.retries:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                    continue
+                err = wire.error_from_rpc(exc, f"server {self.spec.servers[server]}")
+                if isinstance(err, Unavailable):
+                    err = Unavailable(f"{err} (after {n + 1} attempts)")
+                raise err from None
+        raise AssertionError("unreachable")
+
+    async def call(
+        self, server: int, header: dict[str, Any], payload: bytes | memoryview = b""
+    ) -> tuple[dict[str, Any], memoryview]:
+        """One ``Call`` to ``server``; returns (reply header, reply payload)."""
+        frame = wire.pack({**header, "id": self._id}, payload)
+        method = self._channel(server).unary_unary(wire.METHOD_CALL)
+
+        async def attempt() -> bytes:
+            reply: bytes = await method(frame, timeout=self.timeout)
+            return reply
+
+        return wire.unpack(await self._retry(server, attempt))
+
+    async def _all_servers(self, header: dict[str, Any]) -> list[dict[str, Any]]:
+        replies = await asyncio.gather(*(self.call(i, header) for i in range(self.n_servers)))
+        return [h for h, _ in replies]
+
+    # -------------------------------------------------------------- metadata
+    async def status(self) -> list[dict[str, Any]]:
+        """Status of every server (capacity, usage, files, queue); raises if one is down."""
+        out = []
+        for i, reply in enumerate(await self._all_servers({"op": "status"})):
+            out.append({"address": self.spec.servers[i], **reply})
+        return out
+
+    async def info(self, path: str) -> FileInfo:
+        """Metadata of a file or directory; ``NotFound`` if neither."""
+        path = normalize_path(path) if path not in ("", "/") else ""
+        if path == "":
+            return {"name": "", "size": 0, "type": "directory"}
+        home = self.placement.home(path)
+        reply, _ = await self.call(home, {"op": "stat", "paths": [path]})
+        rec = reply["recs"][0]
+        if rec is not None:
+            return _info(rec)
+        # Not homed here: a directory is implied by any file below it, on any server.
+        others = [i for i in range(self.n_servers) if i != home]
+        replies = await asyncio.gather(
+            *(self.call(i, {"op": "stat", "paths": [path]}) for i in others)
+        )
+        if any(r["recs"][0] is not None for r, _ in replies):
+            return {"name": path, "size": 0, "type": "directory"}
+        raise NotFound(f"no such file or directory: {path}")
+
+    async def _record(self, path: str) -> dict[str, Any]:
+        info = await self.info(path)
+        if info["type"] != "file":
+            raise IsADirectory(f"{path} is a directory")
+        return info
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.info(path)
+        except NotFound:
+            return False
+        return True
+
+    async def ls(self, path: str = "", *, recursive: bool = False) -> list[FileInfo]:
+        """Entries directly under ``path`` (every file below it if ``recursive``).
+
+        Listing a file returns that file's entry; a path that is neither raises ``NotFound``.
+        """
+        prefix = normalize_path(path) if path not in ("", "/") else ""
+        replies = await self._all_servers({"op": "ls", "prefix": prefix, "recursive": recursive})
+        entries: dict[str, FileInfo] = {}
+        exact = None
+        for reply in replies:
+            for rec in reply["files"]:
+                entries[rec["p"]] = _info(rec)
+            for name in reply["dirs"]:
+                entries.setdefault(name, {"name": name, "size": 0, "type": "directory"})
+            if reply.get("self") is not None:
+                exact = reply["self"]
+        if not entries:
+            if exact is not None and exact.get("k") == "f":
+                return [_info(exact)]
+            if exact is None and prefix:
+                raise NotFound(f"no such file or directory: {prefix}")
+        return sorted(entries.values(), key=lambda e: e["name"])
+
+    async def mkdir(self, path: str) -> None:
+        """Make a directory marker (directories also exist implicitly below files)."""
+        path = normalize_path(path)
+        await self.call(self.placement.home(path), {"op": "mkdir", "path": path})
+
+    async def rm(self, paths: str | Iterable[str], *, recursive: bool = False) -> None:
+        """Remove files (and with ``recursive`` everything under directories)."""
+        targets = [normalize_path(p) for p in ([paths] if isinstance(paths, str) else paths)]
+        if recursive:
+            expanded: list[str] = []
+            for target in targets:
+                info = await self.info(target)
+                if info["type"] == "directory":
+                    expanded += [e["name"] for e in await self.ls(target, recursive=True)]
+                    expanded.append(target)  # its marker, if any
+                else:
+                    expanded.append(target)
+            targets = expanded
+        errors = await self._per_home(targets, "rm")
+        for path, entry in errors:
+            if recursive and entry[0] == "NotFound":
+                continue  # implied directories have no record of their own
+            raise _raise_entry(entry, path)
+
+    async def _per_home(self, paths: list[str], op: str) -> list[tuple[str, list[Any]]]:
+        groups: dict[int, list[str]] = defaultdict(list)
+        for path in paths:
+            groups[self.placement.home(path)].append(path)
+        calls = []
+        for home, group in groups.items():
+            for i in range(0, len(group), SMALL_BATCH * 4):
+                batch = group[i : i + SMALL_BATCH * 4]
+                calls.append((batch, self.call(home, {"op": op, "paths": batch})))
+        failed = []
+        for batch, (reply, _) in zip(
+            [b for b, _ in calls], await asyncio.gather(*(c for _, c in calls)), strict=True
+        ):
+            failed += [(p, e) for p, e in zip(batch, reply["errors"], strict=True) if e]
+        return failed
+
+    # ----------------------------------------------------------------- reads
+    async def read(self, path: str, start: int = 0, end: int | None = None) -> bytes:
+        """Bytes ``[start, end)`` of a file (negative offsets count from the end)."""
+        info = await self._record(normalize_path(path))
+        return await self.read_version(info, start, end)
+
+    async def read_version(self, info: FileInfo, start: int = 0, end: int | None = None) -> bytes:
+        """Read from the exact version ``info`` describes (an open file keeps reading it)."""
+        size = info["size"]
+        if start < 0:
+            start = max(0, size + start)
+        end = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
+        if start >= end:
+            return b""
+        home = self.placement.home(info["name"])
+        cs = info["chunk_size"]
+        checksums = info["checksums"]
+        plans: dict[int, list[tuple[int, list[Any]]]] = defaultdict(list)
+        for i in range(start // cs, (end - 1) // cs + 1):
+            c0, c1 = i * cs, min((i + 1) * cs, size)
+            lo, hi = max(start, c0) - c0, min(end, c1) - c0
+            whole = lo == 0 and hi == c1 - c0
+            key = f"c/{home}/{info['version']}/{i}"
+            plans[self.placement.chunk_server(home, i)].append((i, [key, lo, hi - lo, whole]))
+        parts: dict[int, memoryview] = {}
+
+        async def fetch(server: int, plan: list[tuple[int, list[Any]]]) -> None:
+            async def attempt() -> None:
+                frame = wire.pack({"id": self._id, "chunks": [c for _, c in plan]})
+                method = self._channel(server).unary_stream(wire.METHOD_READ)
+                async for reply in method(frame, timeout=self.timeout):
+                    header, payload = wire.unpack(reply)
+                    index, spec = plan[header["i"]]
+                    if spec[3] and xxhash.xxh3_64_intdigest(payload) != checksums[index]:
+                        raise DataCorruption(
+                            f"{info['name']}: chunk {index} from {self.spec.servers[server]} "
+                            "failed its checksum"
+                        )
+                    parts[index] = payload
+
+            await self._retry(server, attempt)
+
+        await asyncio.gather(*(fetch(s, p) for s, p in plans.items()))
+        if len(parts) == 1:
+            return bytes(next(iter(parts.values())))
+        return b"".join(parts[i] for i in sorted(parts))
+
+    async def read_many(self, paths: Iterable[str]) -> list[bytes | IosvcError]:
+        """Read many files in batched calls (one per home server and batch).
+
+        Returns, in order, each file's bytes or the error for that file (so one missing
+        file does not fail a batch of thousands).
+        """
+        norm = [normalize_path(p) for p in paths]
+        out: list[bytes | IosvcError] = [b""] * len(norm)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for n, path in enumerate(norm):
+            groups[self.placement.home(path)].append(n)
+        big: list[tuple[int, FileInfo]] = []
+
+        async def batch(home: int, idx: list[int]) -> None:
+            reply, payload = await self.call(
+                home, {"op": "read_small", "paths": [norm[n] for n in idx]}
+            )
+            offset = 0
+            for n, entry in zip(idx, reply["files"], strict=True):
+                if isinstance(entry, dict):
+                    big.append((n, _info(entry["rec"])))
+                elif isinstance(entry[0], str):
+                    out[n] = _raise_entry(entry, norm[n])
+                else:
+                    size, checksum = entry
+                    data = payload[offset : offset + size]
+                    offset += size
+                    if size and xxhash.xxh3_64_intdigest(data) != checksum:
+                        out[n] = DataCorruption(f"{norm[n]}: checksum mismatch")
+                    else:
+                        out[n] = bytes(data)
+
+        await asyncio.gather(
+            *(
+                batch(home, idx[i : i + SMALL_BATCH])
+                for home, idx in groups.items()
+                for i in range(0, len(idx), SMALL_BATCH)
+            )
+        )
+        if big:
+            datas = await asyncio.gather(*(self.read_version(info) for _, info in big))
+            for (n, _), data in zip(big, datas, strict=True):
+                out[n] = data
+        return out
+
+    # ---------------------------------------------------------------- writes
+    def open_writer(self, path: str, *, chunk_size: int | None = None) -> AsyncWriter:
+        """A streaming writer; the file becomes visible when the writer is closed."""
+        return AsyncWriter(self, normalize_path(path), chunk_size or self.chunk_size)
+
+    async def write(self, path: str, data: bytes | bytearray | memoryview) -> None:
+        """Write a whole file (replacing any old version atomically)."""
+        writer = self.open_writer(path)
+        try:
+            await writer.write(data)
+            await writer.close()
+        except BaseException:
+            await writer.abort()
+            raise
+
+    async def write_many(self, files: Mapping[str, bytes | bytearray | memoryview]) -> None:
+        """Write many files; small ones go in batches per home server."""
+        small: dict[int, list[tuple[dict[str, Any], bytes | bytearray | memoryview]]] = (
+            defaultdict(list)
+        )
+        large = []
+        for raw_path, data in files.items():
+            path = normalize_path(raw_path)
+            if len(data) > self.chunk_size:
+                large.append(self.write(path, data))
+                continue
+            rec = _small_record(path, data, self.chunk_size)
+            small[self.placement.home(path)].append((rec, data))
+
+        async def put(home: int, group: list[tuple[dict[str, Any], Any]]) -> None:
+            reply, _ = await self.call(
+                home,
+                {"op": "put_small", "files": [rec for rec, _ in group]},
+                b"".join(data for _, data in group),
+            )
+            for (rec, _), entry in zip(group, reply["errors"], strict=True):
+                if entry:
+                    raise _raise_entry(entry, rec["p"])
+
+        calls = []
+        for home, group in small.items():
+            start = nbytes = 0
+            for n, (_, data) in enumerate(group):
+                nbytes += len(data)
+                if n + 1 - start >= SMALL_BATCH or nbytes >= SMALL_BATCH_BYTES:
+                    calls.append(put(home, group[start : n + 1]))
+                    start, nbytes = n + 1, 0
+            if start < len(group):
+                calls.append(put(home, group[start:]))
+        await asyncio.gather(*calls, *large)
+
+    async def put_file(
+        self,
+        local_path: str | os.PathLike[str],
+        path: str,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Upload a local file chunk by chunk (bounded memory)."""
+        writer = self.open_writer(path)
+        try:
+            with open(local_path, "rb") as f:
+                while block := await asyncio.to_thread(f.read, writer.chunk_size):
+                    await writer.write(block)
+                    if progress is not None:
+                        progress(len(block))
+            await writer.close()
+        except BaseException:
+            await writer.abort()
+            raise
+
+    async def get_file(
+        self,
+        path: str,
+        local_path: str | os.PathLike[str],
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Download a file to local disk, a window of chunks at a time."""
+        info = await self._record(normalize_path(path))
+        window = info["chunk_size"] * max(1, self.n_servers) * 2
+        tmp = f"{os.fspath(local_path)}.iosvc-part"
+        try:
+            with open(tmp, "wb") as f:
+                for start in range(0, info["size"], window):
+                    data = await self.read_version(info, start, start + window)
+                    await asyncio.to_thread(f.write, data)
+                    if progress is not None:
+                        progress(len(data))
+            os.replace(tmp, local_path)
+        except BaseException:
+            with_suppress_unlink(tmp)
+            raise
+
+    async def iter_chunks(self, path: str) -> AsyncIterator[bytes]:
+        """Yield a file's bytes a window at a time (for ``iosvc cat`` of large files)."""
+        info = await self._record(normalize_path(path))
+        window = info["chunk_size"] * max(1, self.n_servers)
+        for start in range(0, info["size"], window):
+            yield await self.read_version(info, start, start + window)
+
+    async def close(self) -> None:
+        """Close channels (only valid on the loop that made them)."""
+        channels, self._channels = self._channels, {}
+        if self._loop is not None and self._loop is asyncio.get_running_loop():
+            for channel in channels.values():
+                await channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def with_suppress_unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _small_record(path: str, data: bytes | bytearray | memoryview, chunk_size: int) -> dict[str, Any]:
+    return {
+        "p": path,
+        "s": len(data),
+        "cs": chunk_size,
+        "u": uuid.uuid4().hex,
+        "ck": [xxhash.xxh3_64_intdigest(data)] if len(data) else [],
+    }
+
+
+class AsyncWriter:
+    """Streams one file's chunks to their servers; :meth:`close` commits it.
+
+    Chunks go out as soon as they are full, over one ``WriteChunks`` stream per server, so
+    memory stays at about one chunk per server. Until :meth:`close` returns, readers see the
+    previous version (or nothing); if the writer dies, its chunks are reclaimed by the servers.
+    """
+
+    def __init__(self, client: AsyncClient, path: str, chunk_size: int) -> None:
+        self.client = client
+        self.path = path
+        self.chunk_size = chunk_size
+        self.uid = uuid.uuid4().hex
+        self.home = client.placement.home(path)
+        self._buffer = bytearray()
+        self._index = 0
+        self._size = 0
+        self._checksums: list[int] = []
+        self._queues: dict[int, asyncio.Queue[bytes | None]] = {}
+        self._streams: dict[int, asyncio.Task[Any]] = {}
+        self._closed = False
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append bytes."""
+        if self._closed:
+            raise InvalidArgument(f"writer of {self.path} is closed")
+        view = memoryview(data).cast("B")
+        # Whole chunks straight from the caller's buffer, no copy into ours.
+        if not self._buffer:
+            while len(view) >= self.chunk_size:
+                await self._send(view[: self.chunk_size])
+                view = view[self.chunk_size :]
+        self._buffer += view
+        while len(self._buffer) >= self.chunk_size:
+            await self._send(bytes(self._buffer[: self.chunk_size]))
+            del self._buffer[: self.chunk_size]
+
+    async def _send(self, chunk: bytes | memoryview) -> None:
+        self._raise_failed_stream()
+        index = self._index
+        self._index += 1
+        self._size += len(chunk)
+        checksum = xxhash.xxh3_64_intdigest(chunk)
+        self._checksums.append(checksum)
+        server = self.client.placement.chunk_server(self.home, index)
+        queue = self._queues.get(server)
+        if queue is None:
+            queue = self._queues[server] = asyncio.Queue(maxsize=2)
+            self._streams[server] = asyncio.ensure_future(self._stream(server, queue))
+        key = f"c/{self.home}/{self.uid}/{index}"
+        await queue.put(wire.pack({"id": self.client._id, "key": key, "ck": checksum}, chunk))
+
+    async def _stream(self, server: int, queue: asyncio.Queue[bytes | None]) -> None:
+        # One call per segment of chunks; a segment is kept until the server acknowledges it so
+        # a retry after UNAVAILABLE can resend it, and memory stays bounded for huge files.
+        finished = False
+        while not finished:
+            sent: list[bytes] = []
+
+            async def frames() -> AsyncIterator[bytes]:
+                nonlocal finished
+                for frame in sent:
+                    yield frame
+                while not finished and len(sent) < _SEGMENT:
+                    frame = await queue.get()
+                    if frame is None:
+                        finished = True
+                        return
+                    sent.append(frame)
+                    yield frame
+
+            async def attempt() -> Any:
+                method = self.client._channel(server).stream_unary(wire.METHOD_WRITE)
+                return await method(frames(), timeout=self.client.timeout)
+
+            await self.client._retry(server, attempt)
+
+    def _raise_failed_stream(self) -> None:
+        for task in self._streams.values():
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def close(self) -> None:
+        """Flush, wait for every server to acknowledge, and commit on the home server."""
+        if self._closed:
+            return
+        self._closed = True
+        rec: dict[str, Any]
+        if self._index == 0:
+            # Fits one chunk: data and commit in a single call to the home server.
+            rec = _small_record(self.path, self._buffer, self.chunk_size)
+            reply, _ = await self.client.call(
+                self.home, {"op": "put_small", "files": [rec]}, bytes(self._buffer)
+            )
+            if reply["errors"][0]:
+                raise _raise_entry(reply["errors"][0], self.path)
+            return
+        if self._buffer:
+            await self._send(bytes(self._buffer))
+            self._buffer.clear()
+        for queue in self._queues.values():
+            await queue.put(None)
+        await asyncio.gather(*self._streams.values())
+        rec = {
+            "p": self.path,
+            "s": self._size,
+            "cs": self.chunk_size,
+            "u": self.uid,
+            "ck": self._checksums,
+        }
+        await self.client.call(self.home, {"op": "commit", "rec": rec})
+
+    async def abort(self) -> None:
+        """Give up: nothing becomes visible; chunks already sent are freed."""
+        self._closed = True
+        for task in self._streams.values():
+            task.cancel()
+        await asyncio.gather(*self._streams.values(), return_exceptions=True)
+        servers = list(self._streams)
+        if servers:
+            await asyncio.gather(
+                *(self.client.call(s, {"op": "drop", "uids": [self.uid]}) for s in servers),
+                return_exceptions=True,
+            )
+
+    async def __aenter__(self) -> AsyncWriter:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self.abort()

@@ -1,0 +1,117 @@
+"""Cluster files: how clients find a running cluster.
+
+A cluster file is JSON written by ``iosvc up`` (or by a Slurm job script) listing the servers in
+order. Clients look for it, in order: an explicit argument, ``$IOSVC_CLUSTER``, then the default
+location ``$XDG_RUNTIME_DIR/iosvc/cluster.json`` or ``~/.iosvc/cluster.json``. It is read when a
+client is built, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iosvc.errors import InvalidArgument, NotFound
+
+__all__ = ["ClusterSpec", "default_cluster_file", "find_cluster_file"]
+
+
+def default_cluster_file() -> Path:
+    """Where ``iosvc up`` writes the cluster file when not told otherwise."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "iosvc" if runtime else Path.home() / ".iosvc"
+    return base / "cluster.json"
+
+
+def find_cluster_file(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve the cluster file path (argument, ``IOSVC_CLUSTER``, default)."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get("IOSVC_CLUSTER")
+    return Path(env) if env else default_cluster_file()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """The servers of one cluster, in placement order.
+
+    Parameters
+    ----------
+    servers
+        ``host:port`` of each server; the position is the server's index in placement.
+    chunk_size
+        Default chunk size for new files.
+    pids
+        Process ids of locally started servers (``iosvc up``), for ``iosvc down``.
+    storage
+        Human description of the storage (``memory 1 GiB`` / ``dir /path``).
+    secure
+        Whether servers require signed job tokens.
+    """
+
+    servers: tuple[str, ...]
+    chunk_size: int = 4 * 1024 * 1024
+    pids: tuple[int, ...] = ()
+    storage: str = ""
+    secure: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise InvalidArgument("a cluster needs at least one server")
+        for address in self.servers:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise InvalidArgument(f"server address must be host:port, got {address!r}")
+        if not 4096 <= self.chunk_size <= 16 * 1024 * 1024:
+            raise InvalidArgument("chunk_size must be between 4 KiB and 16 MiB")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> ClusterSpec:
+        """Read a cluster file; ``NotFound`` with the next step if there is none."""
+        where = find_cluster_file(path)
+        try:
+            data = json.loads(where.read_text())
+        except FileNotFoundError:
+            raise NotFound(
+                f"no iosvc cluster file at {where}; start a local cluster with `iosvc up` "
+                "or point IOSVC_CLUSTER at a cluster file"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"cluster file {where} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterSpec:
+        """Build from the JSON form; unknown keys are kept in ``extra``."""
+        if not isinstance(data, dict) or "servers" not in data:
+            raise InvalidArgument("cluster file must be an object with a 'servers' list")
+        known = {"servers", "chunk_size", "pids", "storage", "secure"}
+        return cls(
+            servers=tuple(data["servers"]),
+            chunk_size=int(data.get("chunk_size", 4 * 1024 * 1024)),
+            pids=tuple(data.get("pids", ())),
+            storage=str(data.get("storage", "")),
+            secure=bool(data.get("secure", False)),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["servers"] = list(self.servers)
+        data["pids"] = list(self.pids)
+        extra = data.pop("extra")
+        data.update(extra)
+        return data
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write atomically (temp file + rename) so a reader never sees half a file."""
+        where = find_cluster_file(path)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        tmp = where.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(tmp, where)
+        return where

@@ -1,0 +1,231 @@
+"""The embedded local cluster: N server processes on loopback (``iosvc up``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from iosvc import wire
+from iosvc.config import ClusterSpec
+from iosvc.errors import Unavailable
+
+__all__ = ["LocalCluster", "stop_pids"]
+
+
+class LocalCluster:
+    """Start and stop a cluster of real server processes on this machine.
+
+    Each server binds port 0 and reports its address through a ready file; once all are up
+    the cluster tells every server the full peer list (no port races).
+
+    Parameters
+    ----------
+    servers
+        Number of server processes.
+    memory
+        Capacity of each server's DRAM store in bytes (the default store).
+    directory
+        Use node-local disk instead: server *i* keeps its data in ``directory/server-i``.
+    server_args
+        Extra ``iosvc serve`` options, e.g. ``["--device-bandwidth", "400MB/s"]``.
+    cluster_file
+        Where to write the cluster file (default: none for the Python API).
+    workdir
+        Where logs and ready files go (default: a temporary directory).
+    env
+        Extra environment variables for the servers.
+    """
+
+    def __init__(
+        self,
+        servers: int = 2,
+        *,
+        memory: int | None = None,
+        directory: str | os.PathLike[str] | None = None,
+        capacity: int | None = None,
+        server_args: list[str] | None = None,
+        cluster_file: str | os.PathLike[str] | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        if servers < 1:
+            raise ValueError("a cluster needs at least one server")
+        self.n_servers = servers
+        self.memory = memory
+        self.directory = Path(directory) if directory is not None else None
+        self.capacity = capacity
+        self.server_args = list(server_args or [])
+        self.cluster_file = cluster_file
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="iosvc-cluster-")
+            workdir = self._tmp.name
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = env or {}
+        self.startup_timeout = startup_timeout
+        self.procs: list[subprocess.Popen[bytes] | None] = []
+        self.addresses: list[str] = []
+        self.spec: ClusterSpec | None = None
+
+    # ------------------------------------------------------------ processes
+    def _command(self, index: int, port: int, peers: list[str] | None) -> list[str]:
+        cmd = [sys.executable, "-m", "iosvc.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--ready-file", str(self._ready_file(index))]
+        if self.directory is not None:
+            cmd += ["--dir", str(self.directory / f"server-{index}")]
+            if self.capacity is not None:
+                cmd += ["--capacity", str(self.capacity)]
+        else:
+            cap = self.memory or self.capacity
+            if cap is not None:
+                cmd += ["--memory", str(cap)]
+        if peers is not None:
+            cmd += ["--index", str(index), "--peers", ",".join(peers)]
+        return cmd + self.server_args
+
+    def _ready_file(self, index: int) -> Path:
+        return self.workdir / f"server-{index}.ready"
+
+    def _spawn(self, index: int, port: int, peers: list[str] | None) -> subprocess.Popen[bytes]:
+        self._ready_file(index).unlink(missing_ok=True)
+        log = open(self.workdir / f"server-{index}.log", "ab")  # noqa: SIM115 - child owns it
+        env = {**os.environ, **self.env}
+        return subprocess.Popen(
+            self._command(index, port, peers),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # `iosvc down` and Ctrl-C of the shell are separate
+        )
+
+    def _wait_ready(self, index: int) -> str:
+        deadline = time.monotonic() + self.startup_timeout
+        ready = self._ready_file(index)
+        proc = self.procs[index]
+        while time.monotonic() < deadline:
+            if ready.exists():
+                return ready.read_text().split()[0]
+            if proc is not None and proc.poll() is not None:
+                log = (self.workdir / f"server-{index}.log").read_text(errors="replace")[-2000:]
+                raise Unavailable(f"server {index} exited with {proc.returncode} at start:\n{log}")
+            time.sleep(0.02)
+        raise Unavailable(f"server {index} not ready after {self.startup_timeout:.0f} s")
+
+    def start(self) -> ClusterSpec:
+        """Start every server, configure the peer list, write the cluster file."""
+        try:
+            self.procs = [self._spawn(i, 0, None) for i in range(self.n_servers)]
+            self.addresses = [self._wait_ready(i) for i in range(self.n_servers)]
+            for i, address in enumerate(self.addresses):
+                _call(address, {"op": "configure", "index": i, "peers": self.addresses})
+        except BaseException:
+            self.stop()
+            raise
+        storage = (
+            f"dir {self.directory}"
+            if self.directory is not None
+            else f"memory {self.memory or 'unbounded'}"
+        )
+        self.spec = ClusterSpec(
+            servers=tuple(self.addresses),
+            pids=tuple(p.pid for p in self.procs if p is not None),
+            storage=storage,
+            extra={"workdir": str(self.workdir)},
+        )
+        if self.cluster_file is not None:
+            self.spec.save(self.cluster_file)
+        return self.spec
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        """Stop one server abruptly (fault tests)."""
+        proc = self.procs[index]
+        if proc is not None:
+            proc.send_signal(sig)
+            proc.wait(10)
+            self.procs[index] = None
+
+    def restart(self, index: int) -> None:
+        """Start server ``index`` again on its old address (its data back if on disk)."""
+        if self.procs[index] is not None:
+            raise RuntimeError(f"server {index} is still running")
+        port = int(self.addresses[index].rpartition(":")[2])
+        self.procs[index] = self._spawn(index, port, self.addresses)
+        self._wait_ready(index)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every server (graceful), SIGKILL what is left after ``timeout``."""
+        stop_pids([p.pid for p in self.procs if p is not None and p.poll() is None], timeout)
+        for proc in self.procs:
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(1)
+        self.procs = []
+        if self.cluster_file is not None:
+            Path(self.cluster_file).unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def stop_pids(pids: list[int], timeout: float = 10.0) -> list[int]:
+    """Gracefully stop processes; return the pids that had to be killed."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _alive(pid)]
+        time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    except ChildProcessError:
+        pass  # not our child: fall back to a signal probe
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _call(address: str, header: dict[str, object]) -> dict[str, object]:
+    header = {**header, "id": ["iosvc-admin", "root", "root", 1]}
+    with grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS) as channel:
+        try:
+            reply = channel.unary_unary(wire.METHOD_CALL)(wire.pack(header), timeout=10)
+        except grpc.RpcError as exc:
+            raise wire.error_from_rpc(exc, address) from None
+    return wire.unpack(reply)[0]

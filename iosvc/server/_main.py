@@ -1,0 +1,120 @@
+"""Running a server process: ``iosvc serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+
+from iosvc import wire
+from iosvc.server._gate import DeviceModel, IoGate
+from iosvc.server._service import IoService
+from iosvc.server._stores import ChunkStore, LocalDirStore, MemoryStore
+
+__all__ = ["ServerOptions", "make_store", "serve", "start_server"]
+
+log = logging.getLogger("iosvc.server")
+
+
+class ServerOptions:
+    """Options of one server process (all have defaults but the storage)."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        index: int | None = None,
+        peers: list[str] | None = None,
+        memory: int | None = None,
+        directory: str | None = None,
+        capacity: int | None = None,
+        slots: int = 16,
+        device_bandwidth: float | None = None,
+        device_latency: float = 0.0,
+        gc_ttl: float = 600.0,
+        gc_interval: float = 60.0,
+        ready_file: str | None = None,
+    ) -> None:
+        if memory is not None and directory is not None:
+            raise ValueError("choose --memory or --dir, not both")
+        self.host, self.port, self.index, self.peers = host, port, index, peers
+        self.memory, self.directory, self.capacity = memory, directory, capacity
+        self.slots, self.device_bandwidth, self.device_latency = slots, device_bandwidth, device_latency
+        self.gc_ttl, self.gc_interval, self.ready_file = gc_ttl, gc_interval, ready_file
+
+
+def make_store(options: ServerOptions) -> ChunkStore:
+    if options.directory is not None:
+        return LocalDirStore(options.directory, capacity=options.capacity)
+    return MemoryStore(capacity=options.memory or options.capacity)
+
+
+async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoService, int]:
+    """Build, recover and start a server; return it, its service and the bound port."""
+    device = None
+    if options.device_bandwidth or options.device_latency:
+        device = DeviceModel(options.device_bandwidth, options.device_latency)
+    service = IoService(
+        make_store(options),
+        IoGate(slots=options.slots, device=device),
+        index=options.index,
+        peers=options.peers,
+        gc_ttl=options.gc_ttl,
+    )
+    await service.load()
+    server = grpc.aio.server(options=wire.CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((service.handler(),))
+    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    if port == 0:
+        raise OSError(f"could not bind {options.host}:{options.port}")
+    await server.start()
+    return server, service, port
+
+
+async def serve(options: ServerOptions) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully (in-flight calls get 5 s)."""
+    server, service, port = await start_server(options)
+    address = f"{options.host}:{port}"
+    log.info("iosvc server %s listening on %s (%s)", options.index, address, type(service.store).__name__)
+    if options.ready_file:
+        tmp = Path(options.ready_file + ".tmp")
+        tmp.write_text(f"{address}\n{os.getpid()}\n")
+        os.replace(tmp, options.ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def gc_loop() -> None:
+        while True:
+            await asyncio.sleep(options.gc_interval)
+            try:
+                freed = await service.collect_garbage()
+                if freed:
+                    log.info("garbage collection freed %d bytes", freed)
+            except Exception:
+                log.exception("garbage collection failed")
+
+    gc_task = asyncio.create_task(gc_loop())
+    await stop.wait()
+    log.info("stopping")
+    gc_task.cancel()
+    await server.stop(grace=5)
+    await service.close()
+    with contextlib.suppress(FileNotFoundError):
+        if options.ready_file:
+            os.unlink(options.ready_file)
+
+
+def run(options: ServerOptions) -> None:
+    """Entry point of ``iosvc serve``: uvloop + :func:`serve`."""
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvloop.run(serve(options))
