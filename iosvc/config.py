@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from iosvc.errors import InvalidArgument, NotFound
+from iosvc.wire import DEFAULT_CHUNK_SIZE
 
 __all__ = ["ClusterSpec", "default_cluster_file", "find_cluster_file"]
 
@@ -53,7 +54,7 @@ class ClusterSpec:
     """
 
     servers: tuple[str, ...]
-    chunk_size: int = 4 * 1024 * 1024
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     pids: tuple[int, ...] = ()
     storage: str = ""
     secure: bool = False
@@ -92,7 +93,7 @@ class ClusterSpec:
         known = {"servers", "chunk_size", "pids", "storage", "secure"}
         return cls(
             servers=tuple(data["servers"]),
-            chunk_size=int(data.get("chunk_size", 4 * 1024 * 1024)),
+            chunk_size=int(data.get("chunk_size", DEFAULT_CHUNK_SIZE)),
             pids=tuple(data.get("pids", ())),
             storage=str(data.get("storage", "")),
             secure=bool(data.get("secure", False)),

@@ -7,7 +7,7 @@ from typing import Any
 
 from iosvc.errors import InvalidArgument
 from iosvc.placement import validate_path
-from iosvc.wire import MAX_CHUNK_SIZE
+from iosvc.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 
 __all__ = ["FileRecord", "chunk_key", "parse_chunk_key"]
 
@@ -47,7 +47,7 @@ class FileRecord:
     path: str
     kind: str = KIND_FILE
     size: int = 0
-    chunk_size: int = 4 * 1024 * 1024
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     uid: str = ""
     checksums: list[int] = field(default_factory=list)
     mtime: float = 0.0
@@ -79,7 +79,7 @@ class FileRecord:
                 path=validate_path(data["p"]),
                 kind=data.get("k", KIND_FILE),
                 size=int(data.get("s", 0)),
-                chunk_size=int(data.get("cs", 4 * 1024 * 1024)),
+                chunk_size=int(data.get("cs", DEFAULT_CHUNK_SIZE)),
                 uid=str(data.get("u", "")),
                 checksums=[int(c) for c in data.get("ck", [])],
                 mtime=float(data.get("mt", 0.0)),
