@@ -583,7 +583,16 @@ class AsyncWriter:
             queue = self._queues[server] = asyncio.Queue(maxsize=2)
             self._streams[server] = asyncio.ensure_future(self._stream(server, queue))
         key = f"c/{self.home}/{self.uid}/{index}"
-        await queue.put(wire.pack({"id": self.client._id, "key": key, "ck": checksum}, chunk))
+        await self._put(server, wire.pack({"id": self.client._id, "key": key, "ck": checksum}, chunk))
+
+    async def _put(self, server: int, frame: bytes | None) -> None:
+        """Queue a frame for a server's stream, or raise if that stream has failed."""
+        stream = self._streams[server]
+        put = asyncio.ensure_future(self._queues[server].put(frame))
+        await asyncio.wait((put, stream), return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            self._raise_failed_stream()
 
     async def _stream(self, server: int, queue: asyncio.Queue[bytes | None]) -> None:
         # One call per segment of chunks; a segment is kept until the server acknowledges it so
@@ -604,15 +613,18 @@ class AsyncWriter:
                     sent.append(frame)
                     yield frame
 
-            async def attempt() -> Any:
+            async def attempt() -> bytes:
                 method = self.client._channel(server).stream_unary(wire.METHOD_WRITE)
-                return await method(frames(), timeout=self.client.timeout)
+                reply: bytes = await method(frames(), timeout=self.client.timeout)
+                return reply
 
-            await self.client._retry(server, attempt)
+            header, _ = wire.unpack(await self.client._retry(server, attempt))
+            if header.get("error"):
+                raise _raise_entry(header["error"], self.path)
 
     def _raise_failed_stream(self) -> None:
         for task in self._streams.values():
-            if task.done() and task.exception() is not None:
+            if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
     async def close(self) -> None:
@@ -633,8 +645,8 @@ class AsyncWriter:
         if self._buffer:
             await self._send(bytes(self._buffer))
             self._buffer.clear()
-        for queue in self._queues.values():
-            await queue.put(None)
+        for server in self._queues:
+            await self._put(server, None)
         await asyncio.gather(*self._streams.values())
         rec = {
             "p": self.path,

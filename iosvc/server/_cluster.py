@@ -99,16 +99,16 @@ class LocalCluster:
 
     def _spawn(self, index: int, port: int, peers: list[str] | None) -> subprocess.Popen[bytes]:
         self._ready_file(index).unlink(missing_ok=True)
-        log = open(self.workdir / f"server-{index}.log", "ab")  # noqa: SIM115 - child owns it
         env = {**os.environ, **self.env}
-        return subprocess.Popen(
-            self._command(index, port, peers),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,  # `iosvc down` and Ctrl-C of the shell are separate
-        )
+        with open(self.workdir / f"server-{index}.log", "ab") as log:
+            return subprocess.Popen(
+                self._command(index, port, peers),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # `iosvc down` and Ctrl-C of the shell are separate
+            )
 
     def _wait_ready(self, index: int) -> str:
         deadline = time.monotonic() + self.startup_timeout

@@ -226,27 +226,37 @@ class IoService:
     async def _write_chunks(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> bytes:
+        # Errors are answered in the reply after the request stream is drained: aborting while
+        # the client still sends makes gRPC report a bare INTERNAL instead of our status.
+        count = total = 0
+        failure: IosvcError | None = None
         try:
-            self._require_configured()
-            count = total = 0
             async for frame in request_iterator:
-                header, payload = wire.unpack(frame)
-                identity = _identity(header)
-                key = header.get("key")
-                home, uid, _ = parse_chunk_key(key)
-                checksum = header.get("ck")
-                if len(payload) > wire.MAX_CHUNK_SIZE:
-                    raise InvalidArgument(f"chunk of {len(payload)} bytes over the limit")
-                async with self.gate.admit(identity, len(payload)):
-                    if xxhash.xxh3_64_intdigest(payload) != checksum:
-                        raise DataCorruption(f"chunk {key} arrived corrupt (checksum mismatch)")
-                    await self._put_chunk(home, uid, key, payload, checksum)
-                count += 1
-                total += len(payload)
-            return wire.pack({"n": count, "bytes": total})
+                if failure is not None:
+                    continue
+                try:
+                    self._require_configured()
+                    header, payload = wire.unpack(frame)
+                    identity = _identity(header)
+                    key = header.get("key")
+                    home, uid, _ = parse_chunk_key(key)
+                    checksum = header.get("ck")
+                    if len(payload) > wire.MAX_CHUNK_SIZE:
+                        raise InvalidArgument(f"chunk of {len(payload)} bytes over the limit")
+                    async with self.gate.admit(identity, len(payload)):
+                        if xxhash.xxh3_64_intdigest(payload) != checksum:
+                            raise DataCorruption(f"chunk {key} arrived corrupt (checksum mismatch)")
+                        await self._put_chunk(home, uid, key, payload, checksum)
+                    count += 1
+                    total += len(payload)
+                except IosvcError as exc:
+                    failure = exc
         except Exception as exc:
             await self._abort(context, exc)
-            raise AssertionError("unreachable") from None
+        reply: dict[str, Any] = {"n": count, "bytes": total}
+        if failure is not None:
+            reply["error"] = _error_entry(failure)
+        return wire.pack(reply)
 
     async def _put_chunk(
         self, home: int, uid: str, key: str, payload: memoryview | bytes, checksum: int
