@@ -138,7 +138,7 @@ def status(cluster_file: ClusterOpt = None) -> None:
     client = _client(cluster_file)
     table = Table(title=f"iosvc cluster ({'secure' if client.spec.secure else 'open'} mode)")
     for col in ("server", "address", "storage", "used", "capacity", "files", "queued", "uptime"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     total_used = 0
     for s in client.status():
         total_used += s["used"]
@@ -146,7 +146,7 @@ def status(cluster_file: ClusterOpt = None) -> None:
         table.add_row(
             str(s["index"]),
             s["address"],
-            s["storage"],
+            s["storage"].removesuffix("Store").lower(),
             format_size(s["used"]),
             cap,
             str(s["files"]),

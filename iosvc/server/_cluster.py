@@ -136,7 +136,7 @@ class LocalCluster:
         storage = (
             f"dir {self.directory}"
             if self.directory is not None
-            else f"memory {self.memory or 'unbounded'}"
+            else f"memory {_human(self.memory) if self.memory else 'unbounded'}"
         )
         self.spec = ClusterSpec(
             servers=tuple(self.addresses),
@@ -205,6 +205,14 @@ def stop_pids(pids: list[int], timeout: float = 10.0) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return alive
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
 
 
 def _alive(pid: int) -> bool:
