@@ -63,7 +63,9 @@ def run_steps(work: Path) -> None:
     sh("cat", "demo/notes/day1.txt")
     sh("get", "demo/climate.f32", str(work / "back.f32"))
     same = (work / "back.f32").read_bytes() == big.read_bytes()
-    console.print(f"round trip of {big.stat().st_size >> 20} MiB through 2 servers: identical={same}")
+    console.print(
+        f"round trip of {big.stat().st_size >> 20} MiB through 2 servers: identical={same}"
+    )
     if not same:
         raise SystemExit("demo: data changed in flight")
     sh("du", "demo")
@@ -103,7 +105,8 @@ def run_steps(work: Path) -> None:
     stored = sum(e["size"] for e in client.ls("demo/field.zarr", recursive=True))
     console.print(
         f"zarr array {again.shape} {again.dtype}: read back equal={ok}; "
-        f"{arr.nbytes >> 20} MiB stored as {stored / 2**20:.1f} MiB (ratio {arr.nbytes / stored:.2f})"
+        f"{arr.nbytes >> 20} MiB stored as {stored / 2**20:.1f} MiB "
+        f"(ratio {arr.nbytes / stored:.2f})"
     )
 
     console.rule("5. pandas / pyarrow Parquet on iosvc://")

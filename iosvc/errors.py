@@ -14,6 +14,7 @@
     ├── Unavailable           (ConnectionError)     UNAVAILABLE
     ├── DeadlineExceeded      (TimeoutError)        DEADLINE_EXCEEDED
     ├── Cancelled                                   CANCELLED
+    ├── ForkedAfterGrpc       (RuntimeError)        FAILED_PRECONDITION (client side only)
     └── InternalError                               INTERNAL
 
 Each class names its gRPC status code (``grpc_code``). The server sends the class name in the
@@ -32,6 +33,7 @@ __all__ = [
     "Cancelled",
     "DataCorruption",
     "DeadlineExceeded",
+    "ForkedAfterGrpc",
     "InternalError",
     "InvalidArgument",
     "IosvcError",
@@ -131,6 +133,16 @@ class Cancelled(IosvcError):
     grpc_code = "CANCELLED"
 
 
+class ForkedAfterGrpc(IosvcError, RuntimeError):
+    """gRPC was in use when this process was forked: it cannot work in the child.
+
+    gRPC's C core does not survive ``fork()`` once its threads run (any call hangs), so the
+    client refuses with this error instead of hanging.
+    """
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class InternalError(IosvcError):
     """A bug or an unexpected failure inside the server."""
 
@@ -149,6 +161,7 @@ _ALL: tuple[type[IosvcError], ...] = (
     Unavailable,
     DeadlineExceeded,
     Cancelled,
+    ForkedAfterGrpc,
     InternalError,
 )
 
@@ -160,3 +173,4 @@ for _cls in _ALL:
     ERROR_BY_CODE.setdefault(_cls.grpc_code, _cls)
 ERROR_BY_CODE["RESOURCE_EXHAUSTED"] = QuotaExceeded
 ERROR_BY_CODE["UNKNOWN"] = InternalError
+ERROR_BY_CODE["FAILED_PRECONDITION"] = IsADirectory

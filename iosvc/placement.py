@@ -34,7 +34,7 @@ def normalize_path(path: str) -> str:
     return path
 
 
-def validate_path(path: str, *, allow_root: bool = False) -> str:
+def validate_path(path: object, *, allow_root: bool = False) -> str:
     """Server-side: accept only canonical keys; raise ``InvalidArgument`` otherwise."""
     if not isinstance(path, str):
         raise InvalidArgument("path must be a string")
@@ -53,7 +53,9 @@ def validate_path(path: str, *, allow_root: bool = False) -> str:
         if segment in ("", ".", ".."):
             raise InvalidArgument(f"path has an empty, '.' or '..' segment: {path!r}")
         if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
-            raise InvalidArgument(f"path segment over {MAX_SEGMENT_BYTES} bytes in {path[:80]!r}...")
+            raise InvalidArgument(
+                f"path segment over {MAX_SEGMENT_BYTES} bytes in {path[:80]!r}..."
+            )
     return path
 
 

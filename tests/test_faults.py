@@ -22,9 +22,11 @@ ID = ["job", "user", "group", 1]
 
 
 def raw_call(address: str, frame: bytes, method: str = wire.METHOD_CALL) -> grpc.RpcError:
-    with grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            channel.unary_unary(method)(frame, timeout=10)
+    with (
+        grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        channel.unary_unary(method)(frame, timeout=10)
     assert isinstance(info.value, grpc.RpcError)
     return info.value
 
@@ -71,9 +73,11 @@ def test_malformed_requests_are_invalid_argument(spec: ClusterSpec, header: dict
 def test_chunk_keys_cannot_reach_metadata_or_escape(spec: ClusterSpec) -> None:
     for key in ["m/abc", "c/0/../../etc/passwd/0", "c/0/" + "a" * 100 + "/0"]:
         frame = wire.pack({"id": ID, "chunks": [[key, 0, 10, False]]})
-        with grpc.insecure_channel(spec.servers[0]) as channel:
-            with pytest.raises(grpc.RpcError) as info:
-                list(channel.unary_stream(wire.METHOD_READ)(frame, timeout=10))
+        with (
+            grpc.insecure_channel(spec.servers[0]) as channel,
+            pytest.raises(grpc.RpcError) as info,
+        ):
+            list(channel.unary_stream(wire.METHOD_READ)(frame, timeout=10))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
 
 
@@ -91,7 +95,9 @@ def test_oversized_header_rejected_client_side() -> None:
 def test_corrupted_upload_is_rejected(spec: ClusterSpec, prefix: str) -> None:
     header = {"id": ID, "key": "c/0/" + "a" * 32 + "/0", "ck": 12345}
     with grpc.insecure_channel(spec.servers[0], options=wire.CHANNEL_OPTIONS) as channel:
-        reply = channel.stream_unary(wire.METHOD_WRITE)(iter([wire.pack(header, b"data")]), timeout=10)
+        reply = channel.stream_unary(wire.METHOD_WRITE)(
+            iter([wire.pack(header, b"data")]), timeout=10
+        )
     assert wire.unpack(reply)[0]["error"][0] == "DataCorruption"
 
 

@@ -174,8 +174,13 @@ def serve(
         str | None, typer.Option(help="Emulated device bandwidth, e.g. 400MB/s.")
     ] = None,
     device_latency: Annotated[float, typer.Option(help="Emulated per-op latency (s).")] = 0.0,
-    gc_ttl: Annotated[float, typer.Option(help="Age (s) before unused chunks are reclaimed.")] = 600,
+    gc_ttl: Annotated[
+        float, typer.Option(help="Age (s) before unused chunks are reclaimed.")
+    ] = 600,
     gc_interval: Annotated[float, typer.Option(help="Seconds between GC passes.")] = 60,
+    drop_grace: Annotated[
+        float, typer.Option(help="Seconds a replaced file's old chunks stay readable.")
+    ] = 5.0,
     ready_file: Annotated[
         str | None, typer.Option(help="Write 'host:port' here once listening.")
     ] = None,
@@ -197,6 +202,7 @@ def serve(
             device_latency=device_latency,
             gc_ttl=gc_ttl,
             gc_interval=gc_interval,
+            drop_grace=drop_grace,
             ready_file=ready_file,
         )
     )
@@ -311,7 +317,9 @@ def cat(
 @app.command()
 def rm(
     paths: Annotated[list[str], typer.Argument(help="Files (or directories with -r).")],
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Remove directories.")] = False,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Remove directories.")
+    ] = False,
     cluster_file: ClusterOpt = None,
 ) -> None:
     """Remove files."""
@@ -331,7 +339,7 @@ def du(
 ) -> None:
     """Bytes used under a path, per top-level entry."""
     client = _client(cluster_file)
-    info = client.info(path) if path else {"type": "directory", "name": ""}
+    info: dict[str, Any] = client.info(path) if path else {"type": "directory", "name": ""}
     entries = [info] if info["type"] == "file" else client.ls(path, recursive=True)
     base = info["name"]
     totals: dict[str, int] = {}
@@ -342,7 +350,9 @@ def du(
     if not summarize:
         for name in sorted(totals):
             console.print(f"{format_size(totals[name]):>10}  {name}", highlight=False)
-    console.print(f"{format_size(sum(totals.values())):>10}  total ({base or '/'})", highlight=False)
+    console.print(
+        f"{format_size(sum(totals.values())):>10}  total ({base or '/'})", highlight=False
+    )
 
 
 def _pid_alive(pid: int) -> bool:

@@ -26,6 +26,7 @@ from iosvc.config import ClusterSpec
 from iosvc.errors import (
     ERROR_BY_NAME,
     DataCorruption,
+    ForkedAfterGrpc,
     InvalidArgument,
     IosvcError,
     IsADirectory,
@@ -47,15 +48,26 @@ SMALL_BATCH_BYTES = 8 * 1024 * 1024
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 #: Bytes fetched per step by streaming reads (get_file, iter_chunks).
 _WINDOW = 64 * 1024 * 1024
+#: Versions a read by name follows when a hot file keeps being replaced under it.
+_READ_ATTEMPTS = 8
 #: Chunks per write call to one server (kept for resending until acknowledged).
 _SEGMENT = 16
 
 _clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+_grpc_started = False  # this process has made a gRPC channel
+_forked_after_grpc = False  # ...and this process is a fork of one that had
+_inherited: list[Any] = []  # channels inherited across fork, never to be destroyed
 
 
 def _reset_after_fork() -> None:
-    # gRPC channels do not survive fork; the child makes fresh ones on first use.
+    global _forked_after_grpc
+    # gRPC's core does not survive fork once its threads run: any call in the child hangs.
+    # Clients made before the fork work in the child only if the parent never used gRPC.
+    _forked_after_grpc = _forked_after_grpc or _grpc_started
     for client in list(_clients):
+        # Keep the parent's channels referenced forever: their destructors would call into
+        # gRPC's core, which crashes or hangs in a forked child.
+        _inherited.extend(client._channels.values())
         client._channels = {}
         client._loop = None
 
@@ -130,6 +142,15 @@ class AsyncClient:
 
     # ------------------------------------------------------------- transport
     def _channel(self, server: int) -> grpc.aio.Channel:
+        global _grpc_started
+        if _forked_after_grpc:
+            raise ForkedAfterGrpc(
+                "this process was forked from one already using gRPC, which cannot work after "
+                "fork; start workers with 'spawn' or 'forkserver' (e.g. DataLoader("
+                "multiprocessing_context='forkserver')) or make the parent's first iosvc call "
+                "after the fork"
+            )
+        _grpc_started = True
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._channels = {}  # channels belong to the loop they were made on
@@ -281,9 +302,22 @@ class AsyncClient:
 
     # ----------------------------------------------------------------- reads
     async def read(self, path: str, start: int = 0, end: int | None = None) -> bytes:
-        """Bytes ``[start, end)`` of a file (negative offsets count from the end)."""
-        info = await self._record(normalize_path(path))
-        return await self.read_version(info, start, end)
+        """Bytes ``[start, end)`` of the current version of a file.
+
+        Negative offsets count from the end. If the file is replaced while being read and the
+        old version's chunks are freed, the read restarts on the new version (a reader that
+        asks by name wants what is there now); ``NotFound`` only if the file itself is gone.
+        """
+        path = normalize_path(path)
+        for attempt in range(_READ_ATTEMPTS):
+            info = await self._record(path)
+            try:
+                return await self.read_version(info, start, end)
+            except NotFound:
+                current = await self._record(path)  # NotFound if the file was removed
+                if attempt + 1 == _READ_ATTEMPTS or current["version"] == info["version"]:
+                    raise
+        raise AssertionError("unreachable")
 
     async def read_version(self, info: FileInfo, start: int = 0, end: int | None = None) -> bytes:
         """Read from the exact version ``info`` describes (an open file keeps reading it)."""
@@ -306,7 +340,7 @@ class AsyncClient:
         buffer avoids the page faults of fresh allocations (expensive in VMs).
         """
         out = memoryview(buffer).cast("B")
-        end = min(info["size"], start + len(out))
+        end: int = min(info["size"], start + len(out))
 
         def copy(offset: int, payload: memoryview) -> None:
             out[offset : offset + len(payload)] = payload
@@ -427,12 +461,13 @@ class AsyncClient:
 
     async def write_many(self, files: Mapping[str, bytes | bytearray | memoryview]) -> None:
         """Write many files; small ones go in batches per home server."""
-        small: dict[int, list[tuple[dict[str, Any], bytes | bytearray | memoryview]]] = (
-            defaultdict(list)
+        small: dict[int, list[tuple[dict[str, Any], bytes | bytearray | memoryview]]] = defaultdict(
+            list
         )
         large = []
-        for raw_path, data in files.items():
-            path = normalize_path(raw_path)
+        # Check every path before making any coroutine, so a bad one strands nothing.
+        normalized = [(normalize_path(p), d) for p, d in files.items()]
+        for path, data in normalized:
             if len(data) > self.chunk_size:
                 large.append(self.write(path, data))
                 continue
@@ -523,7 +558,9 @@ class AsyncClient:
         await self.close()
 
 
-def _small_record(path: str, data: bytes | bytearray | memoryview, chunk_size: int) -> dict[str, Any]:
+def _small_record(
+    path: str, data: bytes | bytearray | memoryview, chunk_size: int
+) -> dict[str, Any]:
     return {
         "p": path,
         "s": len(data),
@@ -583,7 +620,9 @@ class AsyncWriter:
             queue = self._queues[server] = asyncio.Queue(maxsize=2)
             self._streams[server] = asyncio.ensure_future(self._stream(server, queue))
         key = f"c/{self.home}/{self.uid}/{index}"
-        await self._put(server, wire.pack({"id": self.client._id, "key": key, "ck": checksum}, chunk))
+        await self._put(
+            server, wire.pack({"id": self.client._id, "key": key, "ck": checksum}, chunk)
+        )
 
     async def _put(self, server: int, frame: bytes | None) -> None:
         """Queue a frame for a server's stream, or raise if that stream has failed."""
@@ -597,30 +636,35 @@ class AsyncWriter:
     async def _stream(self, server: int, queue: asyncio.Queue[bytes | None]) -> None:
         # One call per segment of chunks; a segment is kept until the server acknowledges it so
         # a retry after UNAVAILABLE can resend it, and memory stays bounded for huge files.
+        while await self._segment(server, queue):
+            pass
+
+    async def _segment(self, server: int, queue: asyncio.Queue[bytes | None]) -> bool:
+        """Send up to ``_SEGMENT`` chunks in one call; False once the end was reached."""
+        sent: list[bytes] = []
         finished = False
-        while not finished:
-            sent: list[bytes] = []
 
-            async def frames() -> AsyncIterator[bytes]:
-                nonlocal finished
-                for frame in sent:
-                    yield frame
-                while not finished and len(sent) < _SEGMENT:
-                    frame = await queue.get()
-                    if frame is None:
-                        finished = True
-                        return
-                    sent.append(frame)
-                    yield frame
+        async def frames() -> AsyncIterator[bytes]:
+            nonlocal finished
+            for frame in sent:  # a retry resends what the failed attempt sent
+                yield frame
+            while not finished and len(sent) < _SEGMENT:
+                item = await queue.get()
+                if item is None:
+                    finished = True
+                    return
+                sent.append(item)
+                yield item
 
-            async def attempt() -> bytes:
-                method = self.client._channel(server).stream_unary(wire.METHOD_WRITE)
-                reply: bytes = await method(frames(), timeout=self.client.timeout)
-                return reply
+        async def attempt() -> bytes:
+            method = self.client._channel(server).stream_unary(wire.METHOD_WRITE)
+            reply: bytes = await method(frames(), timeout=self.client.timeout)
+            return reply
 
-            header, _ = wire.unpack(await self.client._retry(server, attempt))
-            if header.get("error"):
-                raise _raise_entry(header["error"], self.path)
+        header, _ = wire.unpack(await self.client._retry(server, attempt))
+        if header.get("error"):
+            raise _raise_entry(header["error"], self.path)
+        return not finished
 
     def _raise_failed_stream(self) -> None:
         for task in self._streams.values():

@@ -83,12 +83,18 @@ class Client:
         self._run(self.aio.write_many, files)
 
     def put_file(
-        self, local_path: str | os.PathLike[str], path: str, progress: Callable[[int], None] | None = None
+        self,
+        local_path: str | os.PathLike[str],
+        path: str,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         self._run(self.aio.put_file, local_path, path, progress)
 
     def get_file(
-        self, path: str, local_path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
+        self,
+        path: str,
+        local_path: str | os.PathLike[str],
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         self._run(self.aio.get_file, path, local_path, progress)
 

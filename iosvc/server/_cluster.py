@@ -80,7 +80,16 @@ class LocalCluster:
 
     # ------------------------------------------------------------ processes
     def _command(self, index: int, port: int, peers: list[str] | None) -> list[str]:
-        cmd = [sys.executable, "-m", "iosvc.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "iosvc.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         cmd += ["--ready-file", str(self._ready_file(index))]
         if self.directory is not None:
             cmd += ["--dir", str(self.directory / f"server-{index}")]

@@ -39,14 +39,20 @@ class ServerOptions:
         device_latency: float = 0.0,
         gc_ttl: float = 600.0,
         gc_interval: float = 60.0,
+        drop_grace: float = 5.0,
         ready_file: str | None = None,
     ) -> None:
         if memory is not None and directory is not None:
             raise ValueError("choose --memory or --dir, not both")
         self.host, self.port, self.index, self.peers = host, port, index, peers
         self.memory, self.directory, self.capacity = memory, directory, capacity
-        self.slots, self.device_bandwidth, self.device_latency = slots, device_bandwidth, device_latency
+        self.slots, self.device_bandwidth, self.device_latency = (
+            slots,
+            device_bandwidth,
+            device_latency,
+        )
         self.gc_ttl, self.gc_interval, self.ready_file = gc_ttl, gc_interval, ready_file
+        self.drop_grace = drop_grace
 
 
 def make_store(options: ServerOptions) -> ChunkStore:
@@ -66,6 +72,7 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
         index=options.index,
         peers=options.peers,
         gc_ttl=options.gc_ttl,
+        drop_grace=options.drop_grace,
     )
     await service.load()
     server = grpc.aio.server(options=wire.CHANNEL_OPTIONS)
@@ -81,7 +88,7 @@ async def serve(options: ServerOptions) -> None:
     """Run until SIGTERM/SIGINT, then stop gracefully (in-flight calls get 5 s)."""
     server, service, port = await start_server(options)
     address = f"{options.host}:{port}"
-    log.info("iosvc server %s listening on %s (%s)", options.index, address, type(service.store).__name__)
+    log.info("iosvc server listening on %s (%s)", address, type(service.store).__name__)
     if options.ready_file:
         tmp = Path(options.ready_file + ".tmp")
         tmp.write_text(f"{address}\n{os.getpid()}\n")

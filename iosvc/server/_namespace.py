@@ -114,7 +114,7 @@ class Namespace:
     def has_prefix(self, prefix: str) -> bool:
         start = f"{prefix}/"
         i = self._paths.bisect_left(start)
-        return i < len(self._paths) and self._paths[i].startswith(start)
+        return bool(i < len(self._paths) and self._paths[i].startswith(start))
 
 
 def _pack(rec: FileRecord) -> bytes:

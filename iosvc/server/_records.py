@@ -91,7 +91,9 @@ class FileRecord:
             raise InvalidArgument(f"unknown record kind {rec.kind!r}")
         if rec.kind == KIND_FILE:
             if not 4096 <= rec.chunk_size <= MAX_CHUNK_SIZE:
-                raise InvalidArgument(f"chunk size {rec.chunk_size} outside [4096, {MAX_CHUNK_SIZE}]")
+                raise InvalidArgument(
+                    f"chunk size {rec.chunk_size} outside [4096, {MAX_CHUNK_SIZE}]"
+                )
             if rec.size < 0:
                 raise InvalidArgument("negative file size")
             expected = -(-rec.size // rec.chunk_size)

@@ -79,6 +79,9 @@ class IoService:
     gc_ttl
         Age (s) after which an unreferenced chunk version is checked with its home and
         reclaimed if no committed file uses it (crashed writers, missed deletes).
+    drop_grace
+        Seconds a replaced or removed version's chunks stay readable for readers that
+        opened it before the change.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class IoService:
         index: int | None = None,
         peers: list[str] | None = None,
         gc_ttl: float = 600.0,
+        drop_grace: float = 5.0,
     ) -> None:
         self.store = store
         self.gate = gate or IoGate()
@@ -97,6 +101,7 @@ class IoService:
         self.peers: list[str] = []
         self.placement: Placement | None = None
         self.gc_ttl = gc_ttl
+        self.drop_grace = drop_grace
         self.started = time.time()
         # Versions held here: uid -> (home, first-seen time, chunk keys, last confirmed live).
         self._versions: dict[str, _Version] = {}
@@ -216,8 +221,8 @@ class IoService:
                             raise DataCorruption(f"chunk {key} on server {self.index} is corrupt")
                         yield wire.pack({"i": i, "ck": checksum}, data)
                     else:
-                        data = await self.store.get(key, ByteRange(start, length))
-                        yield wire.pack({"i": i}, data)
+                        part = await self.store.get(key, ByteRange(start, length))
+                        yield wire.pack({"i": i}, part)
         except NotFound as exc:
             await self._abort(context, NotFound(f"{exc} (file removed or replaced during read?)"))
         except Exception as exc:
@@ -238,8 +243,8 @@ class IoService:
                     self._require_configured()
                     header, payload = wire.unpack(frame)
                     identity = _identity(header)
-                    key = header.get("key")
-                    home, uid, _ = parse_chunk_key(key)
+                    key = str(header.get("key"))
+                    home, uid, _ = parse_chunk_key(header.get("key"))
                     checksum = header.get("ck")
                     if len(payload) > wire.MAX_CHUNK_SIZE:
                         raise InvalidArgument(f"chunk of {len(payload)} bytes over the limit")
@@ -290,10 +295,18 @@ class IoService:
         rec.owner = who.to_wire()
         rec.mtime = time.time()
         async with self.gate.admit(who, 0):
-            old = await self.namespace.commit(rec)
+            old = await self._commit(rec)
+        return {"old": old.uid if old else None}, None
+
+    async def _commit(self, rec: FileRecord) -> FileRecord | None:
+        """Install a new file version; free the one it replaces; never replace a directory."""
+        existing = self.namespace.get(rec.path)
+        if existing is not None and existing.kind == KIND_DIR:
+            raise IsADirectory(f"{rec.path} is a directory")
+        old = await self.namespace.commit(rec)
         if old is not None and old.uid and old.uid != rec.uid:
             self._drop_version(old)
-        return {"old": old.uid if old else None}, None
+        return old
 
     async def _op_put_small(
         self, header: dict[str, Any], payload: memoryview, who: JobIdentity
@@ -321,9 +334,7 @@ class IoService:
                         await self._put_chunk(self.index, rec.uid, key, data, rec.checksums[0])
                     rec.owner = who.to_wire()
                     rec.mtime = time.time()
-                    old = await self.namespace.commit(rec)
-                    if old is not None and old.uid and old.uid != rec.uid:
-                        self._drop_version(old)
+                    await self._commit(rec)
                     errors.append(None)
                 except IosvcError as exc:
                     errors.append(_error_entry(exc))
@@ -484,13 +495,24 @@ class IoService:
         return freed
 
     def _drop_version(self, rec: FileRecord) -> None:
-        """Free the chunks of a replaced or removed version, here now and on peers soon."""
-        uid = rec.uid
-        self._spawn(self._delete_version(uid))
+        """Free the chunks of a replaced or removed version after ``drop_grace`` seconds.
+
+        The grace lets readers that opened the old version finish it; peers free their
+        chunks when told (a peer that misses it finds out in its own garbage collection).
+        """
         placement = self._require_configured()
         holders = {placement.chunk_server(self.index or 0, i) for i in range(rec.n_chunks)}
-        for peer in holders - {self.index}:
-            self._spawn(self._peer_call(peer, {"op": "drop", "uids": [uid]}))
+
+        async def drop() -> None:
+            if self.drop_grace > 0:
+                await asyncio.sleep(self.drop_grace)
+            if self.namespace.is_live(rec.uid):
+                return  # committed again meanwhile
+            await self._delete_version(rec.uid)
+            for peer in holders - {self.index}:
+                await self._peer_call(peer, {"op": "drop", "uids": [rec.uid]})
+
+        self._spawn(drop())
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -161,7 +161,9 @@ class LocalDirStore(ChunkStore):
         size = self._sizes.get(key)
         if size is None:
             raise NotFound(f"no chunk {key}")
-        if size >= _THREAD_THRESHOLD and (byte_range is None or byte_range.length >= _THREAD_THRESHOLD):
+        if size >= _THREAD_THRESHOLD and (
+            byte_range is None or byte_range.length >= _THREAD_THRESHOLD
+        ):
             return await asyncio.to_thread(self._read, key, byte_range)
         return self._read(key, byte_range)
 
