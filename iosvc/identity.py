@@ -43,11 +43,19 @@ class JobIdentity:
         for field in ("job_id", "user", "group"):
             value = getattr(self, field)
             if not isinstance(value, str) or not value or len(value) > _MAX_NAME:
-                raise ValueError(f"JobIdentity.{field} must be a non-empty string of <= {_MAX_NAME} chars")
+                raise ValueError(
+                    f"JobIdentity.{field} must be a non-empty string of <= {_MAX_NAME} chars"
+                )
             if "\x00" in value or "/" in value:
                 raise ValueError(f"JobIdentity.{field} may not contain '/' or NUL: {value!r}")
-        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or not 1 <= self.nodes <= 1 << 20:
-            raise ValueError(f"JobIdentity.nodes must be an integer in [1, 2**20], got {self.nodes!r}")
+        if (
+            isinstance(self.nodes, bool)
+            or not isinstance(self.nodes, int)
+            or not 1 <= self.nodes <= 1 << 20
+        ):
+            raise ValueError(
+                f"JobIdentity.nodes must be an integer in [1, 2**20], got {self.nodes!r}"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> JobIdentity:
@@ -62,7 +70,10 @@ class JobIdentity:
         user = env.get("IOSVC_USER") or env.get("SLURM_JOB_USER") or uid_name
         group = env.get("IOSVC_GROUP") or _group_name()
         nodes_text = (
-            env.get("IOSVC_NODES") or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or "1"
+            env.get("IOSVC_NODES")
+            or env.get("SLURM_JOB_NUM_NODES")
+            or env.get("SLURM_NNODES")
+            or "1"
         )
         try:
             nodes = int(nodes_text)
