@@ -23,7 +23,7 @@ from rich.table import Table
 
 from iosvc.config import ClusterSpec, find_cluster_file
 from iosvc.errors import IosvcError
-from iosvc.policies._units import format_size, parse_rate, parse_size
+from iosvc.policies import format_size, parse_rate, parse_size
 
 app = typer.Typer(
     name="iosvc",
