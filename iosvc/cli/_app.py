@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -21,9 +20,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from iosvc.cli._admin import policy_app, top
+from iosvc.cli._common import ClusterOpt, console, err_console, make_client
 from iosvc.config import ClusterSpec, find_cluster_file
 from iosvc.errors import IosvcError
-from iosvc.policies import format_size, parse_rate, parse_size
+from iosvc.policies import format_size, load_policy, parse_rate, parse_size
 
 app = typer.Typer(
     name="iosvc",
@@ -32,31 +33,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-ClusterOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--cluster-file",
-        "-c",
-        help="Cluster file (default: $IOSVC_CLUSTER or the one `iosvc up` writes).",
-        show_default=False,
-    ),
-]
-
+app.add_typer(policy_app, name="policy")
+app.command()(top)
 # Progress bars only for transfers above this size.
 _PROGRESS_MIN = 32 * 1024 * 1024
 
 
 def _size(text: str | None) -> int | None:
     return None if text is None else parse_size(text)
-
-
-def _client(cluster_file: Path | None) -> Any:
-    from iosvc.client import Client
-
-    return Client(cluster_file)
 
 
 def _progress() -> Progress:
@@ -82,10 +66,20 @@ def up(
         Path | None, typer.Option("--dir", help="Keep data on local disk under DIR instead.")
     ] = None,
     capacity: Annotated[str | None, typer.Option(help="Capacity per server with --dir.")] = None,
-    slots: Annotated[int, typer.Option(help="Concurrent I/O slots per server.")] = 16,
+    slots: Annotated[
+        int | None,
+        typer.Option(help="Concurrent I/O slots per server [default: 16, or 2 with a device]."),
+    ] = None,
+    policy: Annotated[
+        str, typer.Option(help="Sharing policy: a preset name or a policy TOML file.")
+    ] = "fifo",
     device_bandwidth: Annotated[
         str | None, typer.Option(help="Emulated device bandwidth per server, e.g. 400MB/s.")
     ] = None,
+    device_latency: Annotated[float, typer.Option(help="Emulated per-op latency (s).")] = 0.0,
+    metrics: Annotated[
+        bool, typer.Option(help="Serve Prometheus /metrics on a free port per server.")
+    ] = True,
     cluster_file: ClusterOpt = None,
 ) -> None:
     """Start a local cluster of SERVERS processes on loopback and write its cluster file."""
@@ -99,9 +93,14 @@ def up(
         if any(_pid_alive(p) for p in spec.pids):
             raise IosvcError(f"a cluster is already running ({where}); stop it with `iosvc down`")
         where.unlink()
-    args = ["--slots", str(slots)]
+    load_policy(policy)  # fail here, not in every server
+    args = ["--policy", policy, "--device-latency", str(device_latency)]
+    if slots is not None:
+        args += ["--slots", str(slots)]
     if device_bandwidth:
         args += ["--device-bandwidth", device_bandwidth]
+    if metrics:
+        args += ["--metrics-port", "0"]
     workdir = where.parent / f"{where.stem}.d"
     cluster = LocalCluster(
         servers,
@@ -135,7 +134,7 @@ def down(cluster_file: ClusterOpt = None) -> None:
 @app.command()
 def status(cluster_file: ClusterOpt = None) -> None:
     """Show every server: address, storage, capacity, usage, files, queue."""
-    client = _client(cluster_file)
+    client = make_client(cluster_file)
     table = Table(title=f"iosvc cluster ({'secure' if client.spec.secure else 'open'} mode)")
     for col in ("server", "address", "storage", "used", "capacity", "files", "queued", "uptime"):
         table.add_column(col, no_wrap=True)
@@ -169,7 +168,15 @@ def serve(
     memory: Annotated[str | None, typer.Option(help="Keep data in DRAM, up to SIZE.")] = None,
     directory: Annotated[Path | None, typer.Option("--dir", help="Keep data under DIR.")] = None,
     capacity: Annotated[str | None, typer.Option(help="Capacity with --dir.")] = None,
-    slots: Annotated[int, typer.Option(help="Concurrent I/O slots.")] = 16,
+    slots: Annotated[
+        int | None, typer.Option(help="Concurrent I/O slots [default: 16, or 2 with a device].")
+    ] = None,
+    policy: Annotated[
+        str, typer.Option(help="Sharing policy: a preset name or a policy TOML file.")
+    ] = "fifo",
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any free).")
+    ] = None,
     device_bandwidth: Annotated[
         str | None, typer.Option(help="Emulated device bandwidth, e.g. 400MB/s.")
     ] = None,
@@ -198,6 +205,8 @@ def serve(
             directory=str(directory) if directory else None,
             capacity=_size(capacity),
             slots=slots,
+            policy=policy,
+            metrics_port=metrics_port,
             device_bandwidth=parse_rate(device_bandwidth) if device_bandwidth else None,
             device_latency=device_latency,
             gc_ttl=gc_ttl,
@@ -219,7 +228,7 @@ def ls(
     """List a directory."""
     import datetime
 
-    for entry in _client(cluster_file).ls(path, recursive=recursive):
+    for entry in make_client(cluster_file).ls(path, recursive=recursive):
         name = entry["name"] + ("/" if entry["type"] == "directory" else "")
         if long:
             when = (
@@ -240,7 +249,7 @@ def put(
     cluster_file: ClusterOpt = None,
 ) -> None:
     """Copy local files into iosvc."""
-    client = _client(cluster_file)
+    client = make_client(cluster_file)
     pairs: list[tuple[Path, str]] = []
     into_dir = remote.endswith("/") or len(local) > 1
     for src in local:
@@ -275,7 +284,7 @@ def get(
     cluster_file: ClusterOpt = None,
 ) -> None:
     """Copy files out of iosvc."""
-    client = _client(cluster_file)
+    client = make_client(cluster_file)
     info = client.info(remote)
     if info["type"] == "directory":
         if not recursive:
@@ -303,7 +312,7 @@ def cat(
     """Write a file's bytes to standard output."""
     from fsspec.asyn import get_loop, sync
 
-    client = _client(cluster_file)
+    client = make_client(cluster_file)
     out = sys.stdout.buffer
 
     async def stream() -> None:
@@ -323,7 +332,7 @@ def rm(
     cluster_file: ClusterOpt = None,
 ) -> None:
     """Remove files."""
-    client = _client(cluster_file)
+    client = make_client(cluster_file)
     if not recursive:
         for path in paths:
             if client.info(path)["type"] == "directory":
@@ -338,7 +347,7 @@ def du(
     cluster_file: ClusterOpt = None,
 ) -> None:
     """Bytes used under a path, per top-level entry."""
-    client = _client(cluster_file)
+    client = make_client(cluster_file)
     info: dict[str, Any] = client.info(path) if path else {"type": "directory", "name": ""}
     entries = [info] if info["type"] == "file" else client.ls(path, recursive=True)
     base = info["name"]

@@ -193,7 +193,8 @@ class AsyncClient:
 
         return wire.unpack(await self._retry(server, attempt))
 
-    async def _all_servers(self, header: dict[str, Any]) -> list[dict[str, Any]]:
+    async def call_all(self, header: dict[str, Any]) -> list[dict[str, Any]]:
+        """Send one operation to every server at once; their reply headers, in order."""
         replies = await asyncio.gather(*(self.call(i, header) for i in range(self.n_servers)))
         return [h for h, _ in replies]
 
@@ -201,7 +202,7 @@ class AsyncClient:
     async def status(self) -> list[dict[str, Any]]:
         """Status of every server (capacity, usage, files, queue); raises if one is down."""
         out = []
-        for i, reply in enumerate(await self._all_servers({"op": "status"})):
+        for i, reply in enumerate(await self.call_all({"op": "status"})):
             out.append({"address": self.spec.servers[i], **reply})
         return out
 
@@ -243,7 +244,7 @@ class AsyncClient:
         Listing a file returns that file's entry; a path that is neither raises ``NotFound``.
         """
         prefix = normalize_path(path) if path not in ("", "/") else ""
-        replies = await self._all_servers({"op": "ls", "prefix": prefix, "recursive": recursive})
+        replies = await self.call_all({"op": "ls", "prefix": prefix, "recursive": recursive})
         entries: dict[str, FileInfo] = {}
         exact = None
         for reply in replies:

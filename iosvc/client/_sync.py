@@ -52,6 +52,10 @@ class Client:
     def identity(self) -> JobIdentity:
         return self.aio.identity
 
+    def call_all(self, header: dict[str, Any]) -> list[dict[str, Any]]:
+        """Send one raw operation to every server; return their reply headers in order."""
+        return self._run(self.aio.call_all, header)
+
     def status(self) -> list[dict[str, Any]]:
         return self._run(self.aio.status)
 

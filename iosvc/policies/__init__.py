@@ -38,6 +38,7 @@ from ._registry import (
     unregister_policy,
 )
 from ._scheduler import DEFAULT_IDLE_TIMEOUT, FairScheduler, SchedulerSnapshot, ShareNode
+from ._shares import expected_shares
 from ._units import format_rate, format_size, parse_rate, parse_size
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "UserThenJobFairPolicy",
     "UserThenSizeFairPolicy",
     "available_policies",
+    "expected_shares",
     "format_rate",
     "format_size",
     "get_policy_class",

@@ -7,12 +7,14 @@ import contextlib
 import logging
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from iosvc import wire
 from iosvc.server._gate import DeviceModel, IoGate
+from iosvc.server._metrics import ServerMetrics
 from iosvc.server._service import IoService
 from iosvc.server._stores import ChunkStore, LocalDirStore, MemoryStore
 
@@ -21,38 +23,30 @@ __all__ = ["ServerOptions", "make_store", "serve", "start_server", "tune_malloc"
 log = logging.getLogger("iosvc.server")
 
 
+@dataclass(frozen=True, slots=True)
 class ServerOptions:
-    """Options of one server process (all have defaults but the storage)."""
+    """Options of one server process (``iosvc serve --help`` explains each)."""
 
-    def __init__(
-        self,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        index: int | None = None,
-        peers: list[str] | None = None,
-        memory: int | None = None,
-        directory: str | None = None,
-        capacity: int | None = None,
-        slots: int = 16,
-        device_bandwidth: float | None = None,
-        device_latency: float = 0.0,
-        gc_ttl: float = 600.0,
-        gc_interval: float = 60.0,
-        drop_grace: float = 5.0,
-        ready_file: str | None = None,
-    ) -> None:
-        if memory is not None and directory is not None:
+    host: str = "127.0.0.1"
+    port: int = 0
+    index: int | None = None
+    peers: list[str] | None = None
+    memory: int | None = None
+    directory: str | None = None
+    capacity: int | None = None
+    slots: int | None = None
+    policy: str = "fifo"
+    metrics_port: int | None = None
+    device_bandwidth: float | None = None
+    device_latency: float = 0.0
+    gc_ttl: float = 600.0
+    gc_interval: float = 60.0
+    drop_grace: float = 5.0
+    ready_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is not None and self.directory is not None:
             raise ValueError("choose --memory or --dir, not both")
-        self.host, self.port, self.index, self.peers = host, port, index, peers
-        self.memory, self.directory, self.capacity = memory, directory, capacity
-        self.slots, self.device_bandwidth, self.device_latency = (
-            slots,
-            device_bandwidth,
-            device_latency,
-        )
-        self.gc_ttl, self.gc_interval, self.ready_file = gc_ttl, gc_interval, ready_file
-        self.drop_grace = drop_grace
 
 
 def make_store(options: ServerOptions) -> ChunkStore:
@@ -66,15 +60,21 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
     device = None
     if options.device_bandwidth or options.device_latency:
         device = DeviceModel(options.device_bandwidth, options.device_latency)
+    metrics = ServerMetrics()
     service = IoService(
         make_store(options),
-        IoGate(slots=options.slots, device=device),
+        IoGate(
+            slots=options.slots, policy=options.policy, device=device, on_grant=metrics.on_grant
+        ),
         index=options.index,
         peers=options.peers,
         gc_ttl=options.gc_ttl,
         drop_grace=options.drop_grace,
     )
     await service.load()
+    metrics.watch(service)
+    if options.metrics_port is not None:
+        service.metrics_port = metrics.serve(options.host, options.metrics_port)
     server = grpc.aio.server(options=wire.CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((service.handler(),))
     port = server.add_insecure_port(f"{options.host}:{options.port}")

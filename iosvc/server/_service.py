@@ -41,6 +41,9 @@ log = logging.getLogger("iosvc.server")
 _CK = 8  # bytes of the xxh3-64 trailer stored after each chunk
 _MAX_BATCH = 4096
 
+#: Operations that change how the server treats everyone (admin only once tokens are signed).
+ADMIN_OPS = frozenset({"configure", "policy_set"})
+
 Handler = Callable[[dict[str, Any], memoryview, JobIdentity], Awaitable[tuple[dict[str, Any], Any]]]
 
 
@@ -102,6 +105,7 @@ class IoService:
         self.placement: Placement | None = None
         self.gc_ttl = gc_ttl
         self.drop_grace = drop_grace
+        self.metrics_port: int | None = None
         self.started = time.time()
         # Versions held here: uid -> (home, first-seen time, chunk keys, last confirmed live).
         self._versions: dict[str, _Version] = {}
@@ -119,6 +123,9 @@ class IoService:
             "mkdir": self._op_mkdir,
             "status": self._op_status,
             "configure": self._op_configure,
+            "policy_set": self._op_policy_set,
+            "policy_show": self._op_policy_show,
+            "stats": self._op_stats,
             "live_uids": self._op_live_uids,
             "drop": self._op_drop,
         }
@@ -186,6 +193,8 @@ class IoService:
             if handler is None:
                 raise InvalidArgument(f"unknown operation {op!r}; known: {sorted(self._ops)}")
             identity = _identity(header)
+            if op in ADMIN_OPS:
+                self._authorize_admin(identity, header)
             reply, body = await handler(header, payload, identity)
             return wire.pack(reply, body or b"")
         except Exception as exc:
@@ -452,7 +461,9 @@ class IoService:
             "storage": type(self.store).__name__,
             "persistent": self.store.supports_persistence,
             "uptime": time.time() - self.started,
-            "queued": len(self.gate.queue),
+            "queued": self.gate.queued,
+            "policy": self.gate.scheduler.policy.describe(),
+            "metrics_port": self.metrics_port,
             "busy_slots": self.gate.busy,
             "slots": self.gate.slots,
         }, None
@@ -465,6 +476,45 @@ class IoService:
             raise InvalidArgument("configure needs 'index' (int) and 'peers' (list)")
         self.configure(index, [str(p) for p in peers])
         return {}, None
+
+    # ----------------------------------------------------------------- admin
+    def _authorize_admin(self, identity: JobIdentity, header: dict[str, Any]) -> None:
+        """Gate for admin operations.
+
+        Open mode (identities declared by clients) lets everyone through, as it lets everyone
+        claim any identity; secure mode will demand an admin token here.
+        """
+
+    async def _op_policy_set(
+        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+    ) -> tuple[dict[str, Any], Any]:
+        spec = header.get("policy")
+        if not isinstance(spec, dict | str):
+            raise InvalidArgument("'policy' must be a policy dict or a preset name")
+        policy = self.gate.set_policy(spec)
+        log.info("policy set by %s: %s", who, policy.describe())
+        return {"policy": policy.to_dict(), "description": policy.describe()}, None
+
+    async def _op_policy_show(
+        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+    ) -> tuple[dict[str, Any], Any]:
+        return self.gate.scheduler.snapshot().to_dict(), None
+
+    async def _op_stats(
+        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+    ) -> tuple[dict[str, Any], Any]:
+        """Cumulative per-job service, for ``iosvc top`` and benchmarks."""
+        jobs = [
+            [*ident.to_wire(), st.served_bytes, st.served_ops, st.wait_seconds]
+            for ident, st in self.gate.jobs.items()
+        ]
+        return {
+            "time": time.monotonic(),
+            "jobs": jobs,
+            "queued": self.gate.queued,
+            "busy": self.gate.busy,
+            "slots": self.gate.slots,
+        }, None
 
     # ------------------------------------------------- garbage of old versions
     async def _op_live_uids(

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from iosvc.identity import JobIdentity
-from iosvc.policies import FairScheduler, Policy
+from iosvc.policies import FairScheduler, Policy, expected_shares
 
 
 class FakeClock:
@@ -81,19 +81,7 @@ def shares(served: Counter[str]) -> dict[str, float]:
 
 
 def target_shares(policy: Policy, identities: Iterable[JobIdentity]) -> dict[str, float]:
-    """Hierarchical target shares when all given jobs are active, computed from policy.path().
-
-    Independent of the scheduler: groups the paths by prefix and splits each parent's share among
-    its distinct children in proportion to their weights.
-    """
-    paths = {i.job_id: policy.path(i) for i in identities}
-    out = {}
-    for job, path in paths.items():
-        share = 1.0
-        for depth, step in enumerate(path):
-            siblings = {
-                p[depth].key: p[depth].weight for p in paths.values() if p[:depth] == path[:depth]
-            }
-            share *= step.weight / sum(siblings.values())
-        out[job] = share
-    return out
+    """Hierarchical target shares by job id (see :func:`iosvc.policies.expected_shares`)."""
+    shares = expected_shares(policy, identities)
+    assert shares is not None
+    return {identity.job_id: share for identity, share in shares.items()}

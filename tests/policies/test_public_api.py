@@ -10,6 +10,7 @@ import iosvc.policies
 from iosvc.policies import _policy, _registry, _scheduler, _units
 
 EXPECTED = {
+    "expected_shares",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_OP_COST",
     "FairScheduler",

@@ -1,0 +1,161 @@
+"""Admin commands: ``iosvc policy set|show|list`` and ``iosvc top``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+from rich.tree import Tree
+
+from iosvc.cli._common import ClusterOpt, console, make_client
+from iosvc.identity import JobIdentity
+from iosvc.policies import (
+    available_policies,
+    expected_shares,
+    format_rate,
+    format_size,
+    get_policy_class,
+    load_policy,
+)
+
+policy_app = typer.Typer(
+    help="Show or change the sharing policy of every server (admin).", no_args_is_help=True
+)
+
+
+@policy_app.command("list")
+def policy_list() -> None:
+    """List the policy presets."""
+    for name in available_policies():
+        doc = (get_policy_class(name).__doc__ or "").strip().splitlines()[0]
+        console.print(f"[bold]{name:22}[/bold] {doc}", highlight=False)
+
+
+@policy_app.command("set")
+def policy_set(
+    policy: Annotated[
+        str, typer.Argument(help="A preset name (see `policy list`) or a TOML file.")
+    ],
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Apply a policy on every server, live: queued requests are kept and reordered."""
+    spec = load_policy(Path(policy) if Path(policy).is_file() else policy)
+    client = make_client(cluster_file)
+    replies = client.call_all({"op": "policy_set", "policy": spec.to_dict()})
+    console.print(f"policy set on {len(replies)} servers: {replies[0]['description']}")
+
+
+@policy_app.command("show")
+def policy_show(cluster_file: ClusterOpt = None) -> None:
+    """Show the policy and each server's live share tree (active nodes and their shares)."""
+    client = make_client(cluster_file)
+    snapshots = client.call_all({"op": "policy_show"})
+    console.print(f"[bold]policy:[/bold] {snapshots[0]['description']}", highlight=False)
+    for index, snap in enumerate(snapshots):
+        tree = Tree(
+            f"server {index} ({client.spec.servers[index]}): queued {snap['queued_items']} "
+            f"requests / {format_size(snap['queued_bytes'])}, "
+            f"served {format_size(snap['served_bytes'])}"
+        )
+        _add_children(tree, snap["root"])
+        console.print(tree)
+
+
+def _add_children(tree: Tree, node: dict[str, Any]) -> None:
+    for child in node["children"]:
+        share = child.get("share")
+        share_text = "-" if share is None else f"{share:.0%}"
+        rate = child.get("rate")
+        rate_text = f" cap {rate if isinstance(rate, str) else format_rate(rate)}" if rate else ""
+        label = (
+            f"{child['level']}:{child['key']} weight {child['weight']:g} "
+            f"{'active' if child['active'] else 'idle'} share {share_text}{rate_text} "
+            f"queued {child['queued_items']} served {format_size(child['served_bytes'])}"
+        )
+        _add_children(tree.add(label), child)
+
+
+def top(
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    by: Annotated[str, typer.Option(help="Group rows by job, user or group.")] = "job",
+    iterations: Annotated[int, typer.Option(help="Stop after N refreshes (0: until Ctrl-C).")] = 0,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Live per-job (or user/group) throughput, queue and share vs target, like `top`."""
+    if by not in ("job", "user", "group"):
+        raise typer.BadParameter("--by must be job, user or group")
+    client = make_client(cluster_file)
+    policy = load_policy(client.call_all({"op": "policy_show"})[0]["policy"])
+    previous = _totals(client.call_all({"op": "stats"}))
+    count = 0
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            stats = client.call_all({"op": "stats"})
+            current = _totals(stats)
+            live.update(_render(policy, previous, current, stats, by), refresh=True)
+            previous = current
+            count += 1
+            if iterations and count >= iterations:
+                return
+
+
+def _totals(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    jobs: dict[JobIdentity, list[float]] = {}
+    for server in stats:
+        for job_id, user, group, nodes, nbytes, ops, wait in server["jobs"]:
+            acc = jobs.setdefault(JobIdentity(job_id, user, group, nodes), [0, 0, 0.0])
+            acc[0] += nbytes
+            acc[1] += ops
+            acc[2] += wait
+    return {"time": time.monotonic(), "jobs": jobs}
+
+
+def _render(
+    policy: Any,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    stats: list[dict[str, Any]],
+    by: str,
+) -> Table:
+    elapsed = max(after["time"] - before["time"], 1e-9)
+    rates: dict[JobIdentity, tuple[float, float, float]] = {}
+    for ident, (nbytes, ops, wait) in after["jobs"].items():
+        old = before["jobs"].get(ident, [0, 0, 0.0])
+        d_ops = ops - old[1]
+        mean_wait = (wait - old[2]) / d_ops if d_ops else 0.0
+        rates[ident] = ((nbytes - old[0]) / elapsed, d_ops / elapsed, mean_wait)
+    active = [i for i, r in rates.items() if r[1] > 0]
+    targets = expected_shares(policy, active) or {}
+    total = sum(r[0] for r in rates.values()) or 1.0
+    rows: dict[str, list[float]] = {}
+    for ident, (bps, ops, wait) in rates.items():
+        key = {"job": ident.job_id, "user": ident.user, "group": ident.group}[by]
+        row = rows.setdefault(key, [0.0, 0.0, 0.0, 0.0, 0.0])
+        row[0] += bps
+        row[1] += ops
+        row[2] = max(row[2], wait)
+        row[3] += bps / total
+        row[4] += targets.get(ident, 0.0)
+    queued = sum(s["queued"] for s in stats)
+    table = Table(
+        title=f"iosvc top: {policy.describe()} | {format_rate(total if total > 1 else 0)} "
+        f"| queued {queued}",
+        title_justify="left",
+    )
+    for col in (by, "throughput", "ops/s", "mean wait", "share", "target"):
+        table.add_column(col, justify="right" if col != by else "left", no_wrap=True)
+    for key, (bps, ops, wait, share, target) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        table.add_row(
+            key,
+            format_rate(bps),
+            f"{ops:,.0f}",
+            f"{wait * 1e3:.1f} ms",
+            f"{share:.0%}",
+            f"{target:.0%}" if targets else "-",
+        )
+    return table
