@@ -3,19 +3,37 @@
 In open mode (the embedded single-user default) the client declares its identity from the
 environment, like ThemisIO does: Slurm's variables first, then the process's uid/gid, and the
 ``IOSVC_*`` variables override both so tests and benchmarks can play many jobs on one machine.
-Secure mode (signed job tokens) builds on the same value object.
+In secure mode the identity comes from a signed job token instead (see the token functions
+below): the server trusts the token alone.
 """
 
 from __future__ import annotations
 
+import base64
 import grp
+import hashlib
+import hmac
 import os
 import pwd
+import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["JobIdentity"]
+import msgpack
+
+__all__ = [
+    "JobIdentity",
+    "TokenClaims",
+    "issue_token",
+    "load_key_file",
+    "new_key_file",
+    "read_claims",
+    "token_from_env",
+    "verify_token",
+]
 
 _MAX_NAME = 128
 
@@ -109,3 +127,120 @@ def _group_name() -> str:
         return grp.getgrgid(os.getgid()).gr_name
     except KeyError:
         return f"gid{os.getgid()}"
+
+
+# ----------------------------------------------------------------- job tokens
+#
+# A token is ``<claims>.<mac>``, both base64url without padding: ``claims`` is msgpack of
+# ``{"v": 1, "j": job, "u": user, "g": group, "n": nodes, "exp": unix time, "adm": bool}`` and
+# ``mac`` is HMAC-SHA256 of the encoded claims under the cluster key. Minted by root (a Slurm
+# prolog or ``iosvc token issue``), verified by every server; the identity the scheduler uses
+# comes from the token alone in secure mode.
+
+_TOKEN_VERSION = 1
+KEY_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """What a verified token says: who, until when, and whether it may administer."""
+
+    identity: JobIdentity
+    expires: float
+    admin: bool = False
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def issue_token(key: bytes, identity: JobIdentity, ttl: float, *, admin: bool = False) -> str:
+    """Mint a token for ``identity`` valid for ``ttl`` seconds."""
+    if len(key) < 16:
+        raise ValueError("cluster key too short")
+    if ttl <= 0:
+        raise ValueError("token lifetime must be positive")
+    claims = {
+        "v": _TOKEN_VERSION,
+        "j": identity.job_id,
+        "u": identity.user,
+        "g": identity.group,
+        "n": identity.nodes,
+        "exp": time.time() + ttl,
+        "adm": admin,
+    }
+    body = _b64(msgpack.packb(claims, use_bin_type=True))
+    mac = _b64(hmac.new(key, body.encode(), hashlib.sha256).digest())
+    return f"{body}.{mac}"
+
+
+def read_claims(token: str) -> TokenClaims:
+    """Decode a token's claims WITHOUT verifying it (for display on the client side)."""
+    from iosvc.errors import Unauthenticated
+
+    try:
+        body, _, _ = token.strip().partition(".")
+        data = msgpack.unpackb(_unb64(body), raw=False)
+        identity = JobIdentity(data["j"], data["u"], data["g"], data["n"])
+        return TokenClaims(identity, float(data["exp"]), bool(data.get("adm", False)))
+    except Exception:
+        raise Unauthenticated("malformed job token") from None
+
+
+def verify_token(key: bytes, token: object, now: float | None = None) -> TokenClaims:
+    """Check a token's signature and lifetime; ``Unauthenticated`` for anything wrong."""
+    from iosvc.errors import Unauthenticated
+
+    if not isinstance(token, str) or token.count(".") != 1 or len(token) > 4096:
+        raise Unauthenticated("missing or malformed job token (set IOSVC_TOKEN)")
+    body, mac = token.split(".")
+    expected = _b64(hmac.new(key, body.encode(), hashlib.sha256).digest())
+    if not hmac.compare_digest(mac, expected):
+        raise Unauthenticated("job token signature does not match this cluster's key")
+    claims = read_claims(token)
+    if claims.expires < (time.time() if now is None else now):
+        raise Unauthenticated(f"job token of job {claims.identity.job_id} has expired")
+    return claims
+
+
+def new_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Create a fresh random cluster key readable only by its owner (mode 0600)."""
+    key = secrets.token_bytes(KEY_BYTES)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    return key
+
+
+def load_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Read a cluster key; refuse one that others can read (it signs every identity)."""
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        raise PermissionError(
+            f"cluster key {path} is readable by others (mode {st.st_mode & 0o777:o}); "
+            f"chmod 600 {path}"
+        )
+    try:
+        key = bytes.fromhex(Path(path).read_text().strip())
+    except ValueError:
+        raise ValueError(f"cluster key {path} is not hex") from None
+    if len(key) < 16:
+        raise ValueError(f"cluster key {path} is too short")
+    return key
+
+
+def token_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """The job token of this process: ``IOSVC_TOKEN``, else the file ``IOSVC_TOKEN_FILE``."""
+    env = os.environ if environ is None else environ
+    token = env.get("IOSVC_TOKEN")
+    if token:
+        return token.strip()
+    path = env.get("IOSVC_TOKEN_FILE")
+    if path:
+        with open(path) as f:
+            return f.read().strip()
+    return None

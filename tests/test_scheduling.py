@@ -23,8 +23,11 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def device_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSpec]:
-    """One server behind an emulated 100 MB/s device, so requests queue and the policy acts."""
-    args = ["--device-bandwidth", "100MB/s", "--metrics-port", "0", "--policy", "size-fair"]
+    """One server behind an emulated 50 MB/s device, so requests queue and the policy acts.
+
+    Slow enough that the clients keep it backlogged even on a loaded 2-core machine.
+    """
+    args = ["--device-bandwidth", "50MB/s", "--metrics-port", "0", "--policy", "size-fair"]
     workdir = tmp_path_factory.mktemp("device")
     with LocalCluster(1, memory=512 * MiB, server_args=args, workdir=workdir) as cluster:
         assert cluster.spec is not None
@@ -81,7 +84,7 @@ def test_policy_change_is_live_and_loses_no_request(device_cluster: ClusterSpec)
     async def readers_with_switch() -> list[bytes]:
         aio = AsyncClient(device_cluster)
         reads = [asyncio.ensure_future(aio.read(path)) for path in files]
-        await asyncio.sleep(0.03)  # requests are queued now (100 MB/s: ~120 ms of work)
+        await asyncio.sleep(0.03)  # requests are queued now (50 MB/s: ~240 ms of work)
         replies = await aio.call_all({"op": "policy_set", "policy": "user-then-job-fair"})
         assert replies[0]["description"].startswith("user-then-job-fair")
         return list(await asyncio.gather(*reads))

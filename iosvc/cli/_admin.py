@@ -159,3 +159,47 @@ def _render(
             f"{target:.0%}" if targets else "-",
         )
     return table
+
+
+token_app = typer.Typer(help="Job tokens for secure clusters (run by root/Slurm).")
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl(text: str) -> float:
+    unit = text[-1:].lower()
+    try:
+        return float(text[:-1]) * _TTL_UNITS[unit] if unit in _TTL_UNITS else float(text)
+    except ValueError:
+        message = f"lifetime must look like 3600, 30m, 24h or 7d: {text!r}"
+        raise typer.BadParameter(message) from None
+
+
+@token_app.command("issue")
+def token_issue(
+    job: Annotated[str, typer.Option(help="Job id (SLURM_JOB_ID).")],
+    user: Annotated[str, typer.Option(help="Job owner.")],
+    group: Annotated[str, typer.Option(help="Owner's group.")],
+    nodes: Annotated[int, typer.Option(help="Job size in nodes.")] = 1,
+    ttl: Annotated[str, typer.Option(help="Lifetime: seconds or 30m, 24h, 7d.")] = "24h",
+    admin: Annotated[bool, typer.Option(help="Allow admin operations (policies).")] = False,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(help="Cluster key (default: the local cluster's, from its cluster file)."),
+    ] = None,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Mint a signed job token and print it (clients read it from IOSVC_TOKEN)."""
+    from iosvc.config import ClusterSpec
+    from iosvc.identity import issue_token, load_key_file
+
+    if key_file is None:
+        spec = ClusterSpec.load(cluster_file)
+        found = spec.extra.get("key_file")
+        if not found:
+            raise typer.BadParameter("this cluster is not secure; give --key-file")
+        key_file = Path(found)
+    token = issue_token(
+        load_key_file(key_file), JobIdentity(job, user, group, nodes), _ttl(ttl), admin=admin
+    )
+    print(token)

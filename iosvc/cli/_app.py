@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from iosvc.cli._admin import policy_app, top
+from iosvc.cli._admin import policy_app, token_app, top
 from iosvc.cli._common import ClusterOpt, console, err_console, make_client
 from iosvc.config import ClusterSpec, find_cluster_file
 from iosvc.errors import IosvcError
@@ -34,6 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(policy_app, name="policy")
+app.add_typer(token_app, name="token")
 app.command()(top)
 # Progress bars only for transfers above this size.
 _PROGRESS_MIN = 32 * 1024 * 1024
@@ -80,6 +81,10 @@ def up(
     metrics: Annotated[
         bool, typer.Option(help="Serve Prometheus /metrics on a free port per server.")
     ] = True,
+    secure: Annotated[
+        bool,
+        typer.Option(help="Require signed job tokens (makes a cluster key and an admin token)."),
+    ] = False,
     cluster_file: ClusterOpt = None,
 ) -> None:
     """Start a local cluster of SERVERS processes on loopback and write its cluster file."""
@@ -110,12 +115,19 @@ def up(
         server_args=args,
         cluster_file=where,
         workdir=workdir,
+        secure=secure,
     )
     spec = cluster.start()
     console.print(f"started {servers} iosvc servers ({spec.storage}); cluster file {where}")
     for i, address in enumerate(spec.servers):
         console.print(f"  server {i}: {address} (pid {spec.pids[i]})")
     console.print(f"logs in {workdir}; stop with `iosvc down`")
+    if secure:
+        console.print(
+            f"secure mode: cluster key {cluster.key_file}, admin token {cluster.admin_token_file}"
+            " (export IOSVC_TOKEN_FILE=that file to administer; mint job tokens with"
+            " `iosvc token issue`)"
+        )
 
 
 @app.command()
@@ -139,7 +151,8 @@ def status(cluster_file: ClusterOpt = None) -> None:
     for col in ("server", "address", "storage", "used", "capacity", "files", "queued", "uptime"):
         table.add_column(col, no_wrap=True)
     total_used = 0
-    for s in client.status():
+    servers = client.status()
+    for s in servers:
         total_used += s["used"]
         cap = format_size(s["capacity"]) if s["capacity"] else "unbounded"
         table.add_row(
@@ -153,8 +166,10 @@ def status(cluster_file: ClusterOpt = None) -> None:
             f"{s['uptime']:.0f} s",
         )
     console.print(table)
-    if not client.spec.secure:
+    if not any(s.get("secure") for s in servers):
         console.print("open mode: identities are declared by clients, not verified")
+    else:
+        console.print(f"secure mode: signed job tokens required; you are {client.identity}")
 
 
 @app.command()
@@ -188,6 +203,10 @@ def serve(
     drop_grace: Annotated[
         float, typer.Option(help="Seconds a replaced file's old chunks stay readable.")
     ] = 5.0,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(help="Cluster key: secure mode, only signed job tokens are accepted."),
+    ] = None,
     ready_file: Annotated[
         str | None, typer.Option(help="Write 'host:port' here once listening.")
     ] = None,
@@ -212,6 +231,7 @@ def serve(
             gc_ttl=gc_ttl,
             gc_interval=gc_interval,
             drop_grace=drop_grace,
+            key_file=str(key_file) if key_file else None,
             ready_file=ready_file,
         )
     )

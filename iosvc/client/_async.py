@@ -33,7 +33,7 @@ from iosvc.errors import (
     NotFound,
     Unavailable,
 )
-from iosvc.identity import JobIdentity
+from iosvc.identity import JobIdentity, read_claims, token_from_env
 from iosvc.placement import Placement, normalize_path
 
 __all__ = ["AsyncClient", "AsyncWriter", "FileInfo"]
@@ -112,6 +112,9 @@ class AsyncClient:
         exponential backoff from 50 ms.
     timeout
         Deadline in seconds of each call.
+    token
+        Job token for secure clusters (default: ``$IOSVC_TOKEN`` or the file
+        ``$IOSVC_TOKEN_FILE``); the identity is then the token's.
     """
 
     def __init__(
@@ -122,9 +125,14 @@ class AsyncClient:
         chunk_size: int | None = None,
         retries: int = 4,
         timeout: float = 120.0,
+        token: str | None = None,
     ) -> None:
         self.spec = cluster if isinstance(cluster, ClusterSpec) else ClusterSpec.load(cluster)
-        self.identity = identity or JobIdentity.from_env()
+        self.token = token if token is not None else token_from_env()
+        if self.token is not None:
+            self.identity = read_claims(self.token).identity  # what the servers will see
+        else:
+            self.identity = identity or JobIdentity.from_env()
         self.chunk_size = chunk_size or self.spec.chunk_size
         if not 4096 <= self.chunk_size <= wire.MAX_CHUNK_SIZE:
             raise InvalidArgument(f"chunk_size must be in [4096, {wire.MAX_CHUNK_SIZE}]")
@@ -132,6 +140,10 @@ class AsyncClient:
         self.retries = retries
         self.timeout = timeout
         self._id = self.identity.to_wire()
+        # Every header carries the declared identity and, in secure mode, the job token.
+        self._auth: dict[str, Any] = {"id": self._id}
+        if self.token is not None:
+            self._auth["tok"] = self.token
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         _clients.add(self)
@@ -184,7 +196,7 @@ class AsyncClient:
         self, server: int, header: dict[str, Any], payload: bytes | memoryview = b""
     ) -> tuple[dict[str, Any], memoryview]:
         """One ``Call`` to ``server``; returns (reply header, reply payload)."""
-        frame = wire.pack({**header, "id": self._id}, payload)
+        frame = wire.pack({**header, **self._auth}, payload)
         method = self._channel(server).unary_unary(wire.METHOD_CALL)
 
         async def attempt() -> bytes:
@@ -382,7 +394,7 @@ class AsyncClient:
 
         async def fetch(server: int, plan: list[tuple[int, int, list[Any]]]) -> None:
             async def attempt() -> None:
-                frame = wire.pack({"id": self._id, "chunks": [c for _, _, c in plan]})
+                frame = wire.pack({**self._auth, "chunks": [c for _, _, c in plan]})
                 method = self._channel(server).unary_stream(wire.METHOD_READ)
                 async for reply in method(frame, timeout=self.timeout):
                     header, payload = wire.unpack(reply)
@@ -621,9 +633,7 @@ class AsyncWriter:
             queue = self._queues[server] = asyncio.Queue(maxsize=2)
             self._streams[server] = asyncio.ensure_future(self._stream(server, queue))
         key = f"c/{self.home}/{self.uid}/{index}"
-        await self._put(
-            server, wire.pack({"id": self.client._id, "key": key, "ck": checksum}, chunk)
-        )
+        await self._put(server, wire.pack({**self.client._auth, "key": key, "ck": checksum}, chunk))
 
     async def _put(self, server: int, frame: bytes | None) -> None:
         """Queue a frame for a server's stream, or raise if that stream has failed."""

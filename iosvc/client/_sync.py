@@ -35,9 +35,15 @@ class Client:
         chunk_size: int | None = None,
         retries: int = 4,
         timeout: float = 120.0,
+        token: str | None = None,
     ) -> None:
         self.aio = AsyncClient(
-            cluster, identity=identity, chunk_size=chunk_size, retries=retries, timeout=timeout
+            cluster,
+            identity=identity,
+            chunk_size=chunk_size,
+            retries=retries,
+            timeout=timeout,
+            token=token,
         )
 
     def _run(self, func: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kw: Any) -> T:

@@ -17,6 +17,7 @@ import grpc
 from iosvc import wire
 from iosvc.config import ClusterSpec
 from iosvc.errors import Unavailable
+from iosvc.identity import JobIdentity, issue_token, new_key_file
 
 __all__ = ["LocalCluster", "stop_pids"]
 
@@ -57,6 +58,7 @@ class LocalCluster:
         workdir: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
         startup_timeout: float = 30.0,
+        secure: bool = False,
     ) -> None:
         if servers < 1:
             raise ValueError("a cluster needs at least one server")
@@ -73,6 +75,10 @@ class LocalCluster:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = env or {}
+        self.secure = secure
+        self.key_file = self.workdir / "cluster.key"
+        self.admin_token_file = self.workdir / "admin.token"
+        self._admin_token: str | None = None
         self.startup_timeout = startup_timeout
         self.procs: list[subprocess.Popen[bytes] | None] = []
         self.addresses: list[str] = []
@@ -101,6 +107,8 @@ class LocalCluster:
                 cmd += ["--memory", str(cap)]
         if peers is not None:
             cmd += ["--index", str(index), "--peers", ",".join(peers)]
+        if self.secure:
+            cmd += ["--key-file", str(self.key_file)]
         return cmd + self.server_args
 
     def _ready_file(self, index: int) -> Path:
@@ -134,11 +142,14 @@ class LocalCluster:
 
     def start(self) -> ClusterSpec:
         """Start every server, configure the peer list, write the cluster file."""
+        if self.secure:
+            self._make_keys()
         try:
             self.procs = [self._spawn(i, 0, None) for i in range(self.n_servers)]
             self.addresses = [self._wait_ready(i) for i in range(self.n_servers)]
             for i, address in enumerate(self.addresses):
-                _call(address, {"op": "configure", "index": i, "peers": self.addresses})
+                header = {"op": "configure", "index": i, "peers": self.addresses}
+                _call(address, header, self._admin_token)
         except BaseException:
             self.stop()
             raise
@@ -151,11 +162,28 @@ class LocalCluster:
             servers=tuple(self.addresses),
             pids=tuple(p.pid for p in self.procs if p is not None),
             storage=storage,
-            extra={"workdir": str(self.workdir)},
+            secure=self.secure,
+            extra={"workdir": str(self.workdir)}
+            | (
+                {"key_file": str(self.key_file), "admin_token_file": str(self.admin_token_file)}
+                if self.secure
+                else {}
+            ),
         )
         if self.cluster_file is not None:
             self.spec.save(self.cluster_file)
         return self.spec
+
+    def _make_keys(self) -> None:
+        """A fresh cluster key and an admin token, both readable only by their owner."""
+        self.key_file.unlink(missing_ok=True)
+        key = new_key_file(self.key_file)
+        admin = JobIdentity("admin", os.environ.get("USER", "root") or "root", "admin", 1)
+        self._admin_token = issue_token(key, admin, 30 * 24 * 3600, admin=True)
+        self.admin_token_file.unlink(missing_ok=True)
+        fd = os.open(self.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self._admin_token + "\n")
 
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Stop one server abruptly (fault tests)."""
@@ -238,8 +266,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _call(address: str, header: dict[str, object]) -> dict[str, object]:
+def _call(address: str, header: dict[str, object], token: str | None) -> dict[str, object]:
     header = {**header, "id": ["iosvc-admin", "root", "root", 1]}
+    if token is not None:
+        header = {**header, "id": None, "tok": token}
     with grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS) as channel:
         try:
             reply = channel.unary_unary(wire.METHOD_CALL)(wire.pack(header), timeout=10)

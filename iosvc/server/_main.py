@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 
 from iosvc import wire
+from iosvc.identity import load_key_file
+from iosvc.server._auth import Authorizer
 from iosvc.server._gate import DeviceModel, IoGate
 from iosvc.server._metrics import ServerMetrics
 from iosvc.server._service import IoService
@@ -42,6 +44,7 @@ class ServerOptions:
     gc_ttl: float = 600.0
     gc_interval: float = 60.0
     drop_grace: float = 5.0
+    key_file: str | None = None
     ready_file: str | None = None
 
     def __post_init__(self) -> None:
@@ -70,6 +73,7 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
         peers=options.peers,
         gc_ttl=options.gc_ttl,
         drop_grace=options.drop_grace,
+        auth=Authorizer(load_key_file(options.key_file) if options.key_file else None),
     )
     await service.load()
     metrics.watch(service)

@@ -20,6 +20,7 @@ import xxhash
 
 from iosvc import wire
 from iosvc.errors import (
+    AlreadyExists,
     DataCorruption,
     InternalError,
     InvalidArgument,
@@ -30,6 +31,7 @@ from iosvc.errors import (
 )
 from iosvc.identity import JobIdentity
 from iosvc.placement import Placement, validate_path
+from iosvc.server._auth import Authorizer, Caller
 from iosvc.server._gate import IoGate
 from iosvc.server._namespace import Namespace
 from iosvc.server._records import KIND_DIR, KIND_FILE, FileRecord, chunk_key, parse_chunk_key
@@ -47,14 +49,7 @@ READ_AHEAD = 4
 #: Operations that change how the server treats everyone (admin only once tokens are signed).
 ADMIN_OPS = frozenset({"configure", "policy_set"})
 
-Handler = Callable[[dict[str, Any], memoryview, JobIdentity], Awaitable[tuple[dict[str, Any], Any]]]
-
-
-def _identity(header: dict[str, Any]) -> JobIdentity:
-    try:
-        return JobIdentity.from_wire(header.get("id"))
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgument(f"request identity: {exc}") from None
+Handler = Callable[[dict[str, Any], memoryview, Caller], Awaitable[tuple[dict[str, Any], Any]]]
 
 
 def _list_arg(header: dict[str, Any], name: str) -> list[Any]:
@@ -85,6 +80,8 @@ class IoService:
     gc_ttl
         Age (s) after which an unreferenced chunk version is checked with its home and
         reclaimed if no committed file uses it (crashed writers, missed deletes).
+    auth
+        Authentication and authorisation (open mode when omitted).
     drop_grace
         Seconds a replaced or removed version's chunks stay readable for readers that
         opened it before the change.
@@ -99,8 +96,10 @@ class IoService:
         peers: list[str] | None = None,
         gc_ttl: float = 600.0,
         drop_grace: float = 5.0,
+        auth: Authorizer | None = None,
     ) -> None:
         self.store = store
+        self.auth = auth or Authorizer()
         self.gate = gate or IoGate()
         self.namespace = Namespace(store)
         self.index: int | None = None
@@ -162,6 +161,11 @@ class IoService:
             raise Unavailable("server is starting: it has no peer list yet")
         return self.placement
 
+    def _check_write(self, who: Caller, path: str) -> None:
+        """A write of ``path`` must come to its home server from someone allowed to write it."""
+        self._check_home(path)
+        self.auth.may_write(who, path)
+
     def _check_home(self, path: str) -> None:
         placement = self._require_configured()
         if placement.home(path) != self.index:
@@ -195,10 +199,10 @@ class IoService:
             handler = self._ops.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise InvalidArgument(f"unknown operation {op!r}; known: {sorted(self._ops)}")
-            identity = _identity(header)
+            caller = self.auth.caller(header)
             if op in ADMIN_OPS:
-                self._authorize_admin(identity, header)
-            reply, body = await handler(header, payload, identity)
+                self.auth.require_admin(caller, f"'{op}'")
+            reply, body = await handler(header, payload, caller)
             return wire.pack(reply, body or b"")
         except Exception as exc:
             await self._abort(context, exc)
@@ -209,7 +213,7 @@ class IoService:
     ) -> AsyncIterator[bytes]:
         try:
             header, _ = wire.unpack(request)
-            identity = _identity(header)
+            identity = self.auth.caller(header).identity
             chunks = _list_arg(header, "chunks")
             parsed = []
             for entry in chunks:
@@ -271,7 +275,7 @@ class IoService:
                 try:
                     self._require_configured()
                     header, payload = wire.unpack(frame)
-                    identity = _identity(header)
+                    identity = self.auth.caller(header).identity
                     key = str(header.get("key"))
                     home, uid, _ = parse_chunk_key(header.get("key"))
                     checksum = header.get("ck")
@@ -295,19 +299,27 @@ class IoService:
     async def _put_chunk(
         self, home: int, uid: str, key: str, payload: memoryview | bytes, checksum: int
     ) -> None:
-        value = b"".join((payload, checksum.to_bytes(_CK, "little")))
+        trailer = checksum.to_bytes(_CK, "little")
+        if uid in self._versions and await self.store.exists(key):
+            # Chunks are write-once: a retry may resend the same bytes, but nobody may swap
+            # the contents of a chunk a committed file (say, a published dataset) points at.
+            if (await self.store.get(key))[-_CK:] != trailer:
+                raise AlreadyExists(f"chunk {key} exists with other contents")
+            return
+        value = b"".join((payload, trailer))
         await self.store.set(key, value)
         self._track(uid, home, key, time.monotonic())
 
     # -------------------------------------------------------------- metadata
     async def _op_stat(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         paths = _list_arg(header, "paths")
-        async with self.gate.admit(who, 0):
+        async with self.gate.admit(who.identity, 0):
             out: list[Any] = []
             for path in paths:
-                rec = self.namespace.get(validate_path(path))
+                self.auth.may_read(who, validate_path(path))
+                rec = self.namespace.get(path)
                 if rec is not None:
                     out.append(rec.to_wire())
                 elif self.namespace.has_prefix(path):
@@ -317,13 +329,13 @@ class IoService:
         return {"recs": out}, None
 
     async def _op_commit(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         rec = FileRecord.from_wire(header.get("rec"))
-        self._check_home(rec.path)
-        rec.owner = who.to_wire()
+        self._check_write(who, rec.path)
+        rec.owner = who.identity.to_wire()
         rec.mtime = time.time()
-        async with self.gate.admit(who, 0):
+        async with self.gate.admit(who.identity, 0):
             old = await self._commit(rec)
         return {"old": old.uid if old else None}, None
 
@@ -338,20 +350,20 @@ class IoService:
         return old
 
     async def _op_put_small(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         """Store and commit many single-chunk files homed here, in one call."""
         files = _list_arg(header, "files")
         assert self.index is not None or self._require_configured()
         errors: list[Any] = []
         offset = 0
-        async with self.gate.admit(who, len(payload)):
+        async with self.gate.admit(who.identity, len(payload)):
             for entry in files:
                 try:
                     rec = FileRecord.from_wire(entry)
                     if rec.n_chunks > 1:
                         raise InvalidArgument(f"{rec.path}: put_small takes single-chunk files")
-                    self._check_home(rec.path)
+                    self._check_write(who, rec.path)
                     data = payload[offset : offset + rec.size]
                     if len(data) != rec.size:
                         raise InvalidArgument(f"{rec.path}: payload shorter than its size")
@@ -361,7 +373,7 @@ class IoService:
                         assert self.index is not None
                         key = chunk_key(self.index, rec.uid, 0)
                         await self._put_chunk(self.index, rec.uid, key, data, rec.checksums[0])
-                    rec.owner = who.to_wire()
+                    rec.owner = who.identity.to_wire()
                     rec.mtime = time.time()
                     await self._commit(rec)
                     errors.append(None)
@@ -371,7 +383,7 @@ class IoService:
         return {"errors": errors}, None
 
     async def _op_read_small(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         """Read many files homed here; single-chunk files come back inline.
 
@@ -386,15 +398,17 @@ class IoService:
         records = []
         for path in paths:
             rec = self.namespace.get(path) if isinstance(path, str) else None
+            if rec is not None and not self.auth.visible(who, path):
+                rec = None  # answered below as PermissionDenied
             records.append(rec)
             if rec is not None and rec.n_chunks == 1:
                 nbytes += rec.size
-        async with self.gate.admit(who, nbytes):
+        async with self.gate.admit(who.identity, nbytes):
             get = self.store.get
             for path, rec in zip(paths, records, strict=True):
                 if rec is None:
                     try:
-                        validate_path(path)
+                        self.auth.may_read(who, validate_path(path))
                         exc: IosvcError = (
                             IsADirectory(f"{path} is a directory")
                             if self.namespace.has_prefix(path)
@@ -420,12 +434,17 @@ class IoService:
         return {"files": entries}, b"".join(parts)
 
     async def _op_ls(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         prefix = validate_path(header.get("prefix", ""), allow_root=True)
-        async with self.gate.admit(who, 0):
+        if prefix:
+            self.auth.may_read(who, prefix)
+        async with self.gate.admit(who.identity, 0):
             files, dirs = self.namespace.list_prefix(prefix, bool(header.get("recursive")))
             exact = self.namespace.get(prefix) if prefix else None
+        if not prefix and not who.admin:  # the root lists only what the caller may read
+            files = [r for r in files if self.auth.visible(who, r.path)]
+            dirs = [d for d in dirs if self.auth.visible(who, d)]
         return {
             "files": [r.to_wire() for r in files],
             "dirs": dirs,
@@ -433,14 +452,14 @@ class IoService:
         }, None
 
     async def _op_rm(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         paths = _list_arg(header, "paths")
         errors: list[Any] = []
-        async with self.gate.admit(who, 0):
+        async with self.gate.admit(who.identity, 0):
             for path in paths:
                 try:
-                    self._check_home(validate_path(path))
+                    self._check_write(who, validate_path(path))
                     rec = await self.namespace.remove(path)
                     if rec is None:
                         raise NotFound(f"no such file: {path}")
@@ -452,23 +471,22 @@ class IoService:
         return {"errors": errors}, None
 
     async def _op_mkdir(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         path = validate_path(header.get("path"))
-        self._check_home(path)
-        async with self.gate.admit(who, 0):
+        self._check_write(who, path)
+        async with self.gate.admit(who.identity, 0):
             existing = self.namespace.get(path)
             if existing is not None and existing.kind == KIND_FILE:
-                from iosvc.errors import AlreadyExists
-
                 raise AlreadyExists(f"{path} exists and is a file")
             if existing is None:
-                rec = FileRecord(path=path, kind=KIND_DIR, mtime=time.time(), owner=who.to_wire())
+                owner = who.identity.to_wire()
+                rec = FileRecord(path=path, kind=KIND_DIR, mtime=time.time(), owner=owner)
                 await self.namespace.commit(rec)
         return {}, None
 
     async def _op_status(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         return {
             "index": self.index,
@@ -479,6 +497,7 @@ class IoService:
             "files": len(self.namespace),
             "versions": len(self._versions),
             "storage": type(self.store).__name__,
+            "secure": self.auth.secure,
             "persistent": self.store.supports_persistence,
             "uptime": time.time() - self.started,
             "queued": self.gate.queued,
@@ -489,7 +508,7 @@ class IoService:
         }, None
 
     async def _op_configure(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         index, peers = header.get("index"), header.get("peers")
         if not isinstance(index, int) or not isinstance(peers, list):
@@ -498,15 +517,8 @@ class IoService:
         return {}, None
 
     # ----------------------------------------------------------------- admin
-    def _authorize_admin(self, identity: JobIdentity, header: dict[str, Any]) -> None:
-        """Gate for admin operations.
-
-        Open mode (identities declared by clients) lets everyone through, as it lets everyone
-        claim any identity; secure mode will demand an admin token here.
-        """
-
     async def _op_policy_set(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         spec = header.get("policy")
         if not isinstance(spec, dict | str):
@@ -516,12 +528,12 @@ class IoService:
         return {"policy": policy.to_dict(), "description": policy.describe()}, None
 
     async def _op_policy_show(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         return self.gate.scheduler.snapshot().to_dict(), None
 
     async def _op_stats(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         """Cumulative per-job service, for ``iosvc top`` and benchmarks."""
         jobs = [
@@ -538,7 +550,7 @@ class IoService:
 
     # ------------------------------------------------- garbage of old versions
     async def _op_live_uids(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         uids = header.get("uids")
         if not isinstance(uids, list):
@@ -546,7 +558,7 @@ class IoService:
         return {"live": [u for u in uids if self.namespace.is_live(u)]}, None
 
     async def _op_drop(
-        self, header: dict[str, Any], payload: memoryview, who: JobIdentity
+        self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         uids = header.get("uids")
         if not isinstance(uids, list):
@@ -596,6 +608,9 @@ class IoService:
             channel = grpc.aio.insecure_channel(self.peers[peer], options=wire.CHANNEL_OPTIONS)
             self._peer_channels[peer] = channel
         header = {**header, "id": ["iosvc-server", "root", "root", 1]}
+        token = self.auth.server_token()
+        if token is not None:
+            header = {**header, "tok": token, "id": None}
         try:
             reply = await channel.unary_unary(wire.METHOD_CALL)(wire.pack(header), timeout=30)
         except grpc.RpcError as exc:
