@@ -57,15 +57,15 @@ async def _stream_reads(spec: ClusterSpec, who: JobIdentity, path: str, seconds:
 
 
 def test_size_fair_shares_follow_node_counts(device_cluster: ClusterSpec) -> None:
-    Client(device_cluster).write("shared/data", os.urandom(8 * MiB))
+    Client(device_cluster).write("shared/data", os.urandom(32 * MiB))
     big = JobIdentity("big", "alice", "g1", 4)
     small = JobIdentity("small", "bob", "g2", 1)
     before = _served(device_cluster)
 
     async def both() -> None:
+        # two readers per job keep both jobs backlogged between their reads
         await asyncio.gather(
-            _stream_reads(device_cluster, big, "shared/data", 3.0),
-            _stream_reads(device_cluster, small, "shared/data", 3.0),
+            *(_stream_reads(device_cluster, who, "shared/data", 4.0) for who in [big, small] * 2)
         )
 
     asyncio.run(both())
@@ -73,7 +73,7 @@ def test_size_fair_shares_follow_node_counts(device_cluster: ClusterSpec) -> Non
     got = {job: after.get(job, 0) - before.get(job, 0) for job in ("big", "small")}
     share = got["big"] / (got["big"] + got["small"])
     # target 4/5; fifo would give ~1/2. Shares are byte counts, not timings.
-    assert 0.70 < share < 0.90, got
+    assert 0.72 < share < 0.88, got
 
 
 def test_policy_change_is_live_and_loses_no_request(device_cluster: ClusterSpec) -> None:
