@@ -109,7 +109,7 @@ class AsyncClient:
         Chunk size of files this client writes (default: the cluster's, 4 MiB).
     retries
         Attempts on ``UNAVAILABLE`` (server restarting or briefly unreachable), with
-        exponential backoff from 50 ms.
+        exponential backoff from 50 ms (the default rides out a ~3 s server restart).
     timeout
         Deadline in seconds of each call.
     token
@@ -123,7 +123,7 @@ class AsyncClient:
         *,
         identity: JobIdentity | None = None,
         chunk_size: int | None = None,
-        retries: int = 4,
+        retries: int = 6,
         timeout: float = 120.0,
         token: str | None = None,
     ) -> None:

@@ -33,7 +33,7 @@ class Client:
         *,
         identity: JobIdentity | None = None,
         chunk_size: int | None = None,
-        retries: int = 4,
+        retries: int = 6,
         timeout: float = 120.0,
         token: str | None = None,
     ) -> None:

@@ -1,0 +1,107 @@
+"""``iosvc shards pack|info|verify``: training datasets as compressed shards (``dataloaders``).
+
+Paths without a scheme are local; ``iosvc://…`` (or any fsspec URL) names the cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from iosvc.cli._common import ClusterOpt, console
+from iosvc.policies import format_size, parse_size
+
+shards_app = typer.Typer(
+    help="Pack datasets into compressed shards for training (see `dataloaders`).",
+    no_args_is_help=True,
+)
+
+
+def _options(cluster_file: Path | None, *urls: str) -> dict[str, str] | None:
+    """fsspec storage options naming the cluster file, for ``iosvc://`` URLs."""
+    if cluster_file is not None and any(u.startswith("iosvc://") for u in urls):
+        return {"cluster": str(cluster_file)}
+    return None
+
+
+@shards_app.command("pack")
+def pack(
+    src: Annotated[str, typer.Argument(help="Directory of sample files (e.g. an ImageFolder).")],
+    dst: Annotated[str, typer.Argument(help="Where to write shards: iosvc://… or a path.")],
+    shard_size: Annotated[
+        str, typer.Option("--shard-size", help="Uncompressed bytes per shard, e.g. 64MiB.")
+    ] = "64MiB",
+    format: Annotated[
+        str, typer.Option("--format", help="raw (files as they are), records or auto.")
+    ] = "raw",
+    codec: Annotated[
+        str | None,
+        typer.Option(help="Codec of the file bytes with --format records, e.g. zstd:3."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a dataset already at DST.")] = False,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Pack every file under SRC into shards at DST and report the compression ratio."""
+    from dataloaders import pack_directory
+
+    if codec is not None and format == "raw":
+        raise typer.BadParameter("--codec needs --format records (raw stores files as they are)")
+    summary = pack_directory(
+        src,
+        dst,
+        format=format,
+        shard_bytes=parse_size(shard_size),
+        codecs={"data": codec} if codec else None,
+        overwrite=overwrite,
+        storage_options=_options(cluster_file, src, dst),
+    )
+    classes = summary.manifest.attrs.get("classes")
+    console.print(
+        f"packed {summary.samples:,} files"
+        + (f" in {len(classes)} classes" if classes else "")
+        + f" into {summary.shards} {summary.format} shards at {dst}",
+        highlight=False,
+    )
+    console.print(
+        f"{format_size(summary.raw_bytes)} -> {format_size(summary.bytes)} stored: "
+        f"compression ratio {summary.ratio:.2f} "
+        f"({summary.raw_bytes / max(summary.seconds, 1e-9) / 2**20:,.0f} MiB/s)",
+        highlight=False,
+    )
+
+
+@shards_app.command("info")
+def info(
+    url: Annotated[str, typer.Argument(help="A dataset: iosvc://… or a path.")],
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Show a dataset's format, fields, shards and compression ratio."""
+    from dataloaders import load_manifest
+
+    manifest = load_manifest(url, _options(cluster_file, url))
+    console.print(
+        f"{url}: {manifest.samples:,} samples in {len(manifest.shards)} {manifest.format} "
+        f"shards; {format_size(manifest.raw_bytes)} -> {format_size(manifest.bytes)} "
+        f"(ratio {manifest.ratio:.2f})",
+        highlight=False,
+    )
+    for spec in manifest.fields:
+        shape = f" {spec.dtype}{list(spec.shape)}" if spec.kind == "array" else ""
+        console.print(f"  {spec.name}: {spec.kind}{shape} codec={spec.codec}", highlight=False)
+
+
+@shards_app.command("verify")
+def verify(
+    url: Annotated[str, typer.Argument(help="A dataset: iosvc://… or a path.")],
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Read every shard and check its size and xxh3 checksum against the manifest."""
+    from dataloaders import verify_shards
+
+    manifest = verify_shards(url, _options(cluster_file, url))
+    console.print(
+        f"{url}: {len(manifest.shards)} shards, {manifest.samples:,} samples, all checksums match",
+        highlight=False,
+    )
