@@ -66,6 +66,11 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # Bulk streams: let HTTP/2 windows grow so a 4 MiB chunk is not throttled by flow control.
     ("grpc.http2.bdp_probe", 1),
     ("grpc.so_reuseport", 0),
+    # Reconnect to a restarted server within ~1 s: gRPC's default backoff grows to 120 s, during
+    # which calls fail at once although the server is back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 _LEN = struct.Struct("<I")

@@ -240,6 +240,7 @@ def test_kill_during_writes_keeps_every_committed_file(tmp_path: os.PathLike[str
         stop.set()
         thread.join(60)
         assert committed and len(committed) > len(failed)
+        client = Client(cluster.spec)  # default retries ride out gRPC's reconnect backoff
         listed = {e["name"] for e in client.ls("w")}
         assert set(committed) <= listed
         for path in listed - set(committed):  # a write cut by the kill: absent or whole
