@@ -22,6 +22,7 @@ import grpc
 import xxhash
 
 from iosvc import wire
+from iosvc._malloc import tune_client_malloc
 from iosvc.config import ClusterSpec
 from iosvc.errors import (
     ERROR_BY_NAME,
@@ -147,6 +148,9 @@ class AsyncClient:
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         _clients.add(self)
+        # Keep gRPC's per-message buffers in the heap: without it every 1 MiB chunk lands in
+        # fresh pages, and a large read spent more CPU in page faults than in copying.
+        tune_client_malloc()
 
     @property
     def n_servers(self) -> int:
