@@ -42,7 +42,7 @@ def main() -> None:
         try:
             run_steps(work)
         finally:
-            console.rule("6. stop the cluster")
+            console.rule("7. stop the cluster")
             sh("down")
 
 
@@ -117,7 +117,100 @@ def run_steps(work: Path) -> None:
     back_df = pd.read_parquet("iosvc://demo/obs.parquet")
     console.print(f"parquet round trip: {len(back_df)} rows, equal={back_df.equals(df)}")
     console.print(back_df.groupby("station")["temp"].mean().head(3).to_string())
+
+    console.rule("6. dataloaders: shards on iosvc -> 2-rank DDP training")
+    demo_dataloaders()
     sh("ls", "demo")
+
+
+def _digits() -> tuple[object, object, str]:
+    """scikit-learn's bundled digits (8x8 images, 10 classes), or a synthetic stand-in."""
+    import numpy as np
+
+    try:
+        from sklearn.datasets import load_digits  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        # Same shape and size as the digits set: 10 class prototypes plus noise, fixed seed.
+        rng = np.random.default_rng(0)
+        prototypes = rng.uniform(0, 16, size=(10, 8, 8))
+        labels = np.arange(1797) % 10
+        images = prototypes[labels] + rng.normal(0, 4, size=(1797, 8, 8))
+        return images.clip(0, 16).astype("float32"), labels, "synthetic digits (no sklearn)"
+    digits = load_digits()
+    return digits.images.astype("float32"), digits.target, "scikit-learn digits"
+
+
+def _ddp_train(rank: int, url: str, port: int, epochs: int) -> None:
+    """One rank of the demo's DDP job (gloo on CPU), started by ``mp.spawn``."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    import dataloaders
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = dataloaders.DataLoader(dataloaders.StreamingDataset(url, seed=0), batch_size=32)
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        total = torch.zeros(3)  # loss sum, correct, samples
+        for batch in loader:
+            x, y = batch["image"] / 16.0, batch["label"]
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            total += torch.tensor([loss.item() * len(y), (out.argmax(1) == y).sum().item(), len(y)])
+        seconds = torch.tensor([time.perf_counter() - t0])
+        dist.all_reduce(total)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            loss_avg, acc, n = total[0] / total[2], total[1] / total[2], int(total[2])
+            print(
+                f"epoch {epoch}: 2 ranks, {n} samples, loss {loss_avg:.3f}, "
+                f"accuracy {acc:.1%}, {n / seconds.item():,.0f} samples/s",
+                flush=True,
+            )
+    if rank == 0:
+        state = loader.state_dict()
+        print(f"loader state for exact resume: {state['epoch']=}, {state['position']=}", flush=True)
+    dist.destroy_process_group()
+
+
+def demo_dataloaders() -> None:
+    """Pack a dataset into compressed shards on iosvc and train on it with 2 DDP ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    import dataloaders
+
+    images, labels, name = _digits()
+    url = "iosvc://demo/digits"
+    summary = dataloaders.write_shards(
+        {"image": images, "label": labels}, url, shard_bytes=32 << 10, overwrite=True
+    )
+    console.print(f"{name}: {summary}", highlight=False)
+    if _has_shards_cli():  # once `iosvc shards` is registered in the CLI
+        sh("shards", "info", url)
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # spawn, not fork: this process has used iosvc's gRPC client, which cannot be forked.
+    mp.spawn(_ddp_train, args=(url, port, 2), nprocs=2, join=True)  # type: ignore[attr-defined,no-untyped-call]
+
+
+def _has_shards_cli() -> bool:
+    from iosvc.cli._app import app
+
+    return any(group.name == "shards" for group in app.registered_groups)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def pack(
     console.print(
         f"{format_size(summary.raw_bytes)} -> {format_size(summary.bytes)} stored: "
         f"compression ratio {summary.ratio:.2f} "
-        f"({summary.raw_bytes / max(summary.seconds, 1e-9) / 2**20:,.0f} MiB/s)",
+        f"in {summary.seconds:.1f} s",
         highlight=False,
     )
 
@@ -88,7 +88,7 @@ def info(
         highlight=False,
     )
     for spec in manifest.fields:
-        shape = f" {spec.dtype}{list(spec.shape)}" if spec.kind == "array" else ""
+        shape = f" {spec.dtype}{list(spec.shape or ())}" if spec.kind == "array" else ""
         console.print(f"  {spec.name}: {spec.kind}{shape} codec={spec.codec}", highlight=False)
 
 

@@ -1,0 +1,492 @@
+"""``StreamingDataset`` (iterable, sharded, resumable) and ``ShardedDataset`` (map-style)."""
+
+from __future__ import annotations
+
+import posixpath
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, default_collate
+
+from dataloaders._cache import ShardFetcher, ShardPrefetcher
+from dataloaders._errors import ManifestError, ShardNotFound
+from dataloaders._formats import DecodedShard
+from dataloaders._fs import join, open_fs
+from dataloaders._manifest import MANIFEST_NAME, Manifest
+from dataloaders._order import Plan, epoch_order, plan, sample_ids
+from dataloaders._world import World
+
+__all__ = [
+    "STATE_VERSION",
+    "ShardedDataset",
+    "StreamingDataset",
+    "load_manifest",
+    "verify_shards",
+]
+
+STATE_VERSION = 1
+Sample = dict[str, Any]
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """(directory URL, manifest file name) of a dataset URL or manifest URL."""
+    stripped = url.rstrip("/")
+    if stripped.endswith(".json"):
+        return posixpath.dirname(stripped) or ".", posixpath.basename(stripped)
+    return stripped, MANIFEST_NAME
+
+
+def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """The manifest of the dataset at ``url`` (its directory or its ``manifest.json``)."""
+    directory, name = _split_url(url)
+    fs, root = open_fs(directory, storage_options)
+    path = join(root, name)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise ShardNotFound(f"no dataset at {url}: {name} is missing") from None
+    return Manifest.loads(data, where=f"{directory}/{name}")
+
+
+def verify_shards(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """Read every shard of ``url`` and check sizes and checksums; return the manifest.
+
+    Raises :class:`ShardNotFound` or :class:`ShardCorrupted` naming the first bad shard.
+    """
+    source = _Source(url, storage_options, None)
+    fetcher = source.fetcher(verify=True)
+    for shard in source.manifest.shards:
+        fetcher.load(shard)
+    return source.manifest
+
+
+class _Source:
+    """Lazily opened filesystem + manifest of a dataset URL (never pickled with its client)."""
+
+    def __init__(
+        self, url: str, storage_options: dict[str, Any] | None, manifest: Manifest | None
+    ) -> None:
+        self.url = url
+        self.storage_options = storage_options
+        self._manifest = manifest
+        self._fs: Any = None
+        self._root = ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fs"] = None  # each process opens its own client
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def fs_root(self) -> tuple[Any, str]:
+        if self._fs is None:
+            directory, _ = _split_url(self.url)
+            self._fs, self._root = open_fs(directory, self.storage_options)
+        return self._fs, self._root
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            self._manifest = load_manifest(self.url, self.storage_options)
+        return self._manifest
+
+    def fetcher(self, verify: bool) -> ShardFetcher:
+        fs, root = self.fs_root
+        return ShardFetcher(fs, root, self.manifest, self.url, verify)
+
+
+def _blosc_single_threaded() -> None:
+    # Blosc's own threads would fight the DataLoader's worker processes for the cores.
+    import numcodecs.blosc
+
+    numcodecs.blosc.use_threads = False
+
+
+class StreamingDataset(IterableDataset[Sample]):
+    """Stream the samples of a sharded dataset (see :func:`write_shards`) into training.
+
+    Every (rank, worker) reads a disjoint part of each epoch, and every rank gets the same
+    number of samples and batches. The order depends on (``seed``, epoch) only, shuffles
+    shard order and samples within a window of shards, and is consumed as a prefix, so
+    :meth:`state_dict` is a few integers and resuming (also on another number of ranks or
+    workers) continues exactly where the run stopped.
+
+    Parameters
+    ----------
+    url
+        The dataset directory (or its ``manifest.json``): local path, ``file://``,
+        ``memory://``, ``iosvc://``, any fsspec URL.
+    shuffle
+        Shuffle shard order and samples within windows of shards (else shard order).
+    seed
+        Seed of the shuffle; every rank must use the same.
+    batch_size
+        The DataLoader's batch size. Needed for exact resume and shard locality when a
+        DataLoader has several workers (it hands out whole batches round-robin);
+        :class:`dataloaders.DataLoader` sets it for you.
+    shuffle_window
+        Shuffle window in shards (a reader holds about this many shards at once).
+    num_canonical
+        Streams the epoch is cut into (default: ranks x workers of the first run, kept in
+        the state). Each reader reads whole streams when ranks x workers divides it.
+    remainder
+        ``"pad"`` (repeat up to ranks-1 samples so every rank gets as many) or ``"drop"``.
+    cache_bytes
+        Bytes of shards each reader holds (loaded and prefetched), beyond the shards in use.
+    prefetch
+        Shards loaded ahead by background threads.
+    io_threads
+        Background loader threads per reader.
+    verify
+        Check every shard file's size and xxh3 checksum against the manifest.
+    transform
+        Applied to each sample dict (must pickle, for worker processes).
+    storage_options
+        Passed to fsspec (e.g. ``{"cluster": path}`` for iosvc).
+
+    Notes
+    -----
+    **Fork rule.** gRPC (iosvc's transport) does not survive ``fork()`` once used. This
+    dataset does no I/O until it is iterated (or ``len()``/``state_dict()`` is called), so a
+    DataLoader may fork its workers if the parent has not used iosvc; when it has, start the
+    workers with ``multiprocessing_context="forkserver"`` (or ``"spawn"``), which
+    :class:`dataloaders.DataLoader` does by itself when it is needed.
+
+    **Epochs.** An exhausted iteration advances the epoch of the copy that ran it (the
+    main process's with ``num_workers=0``, each persistent worker's otherwise). With a plain
+    ``DataLoader`` and non-persistent workers call :meth:`set_epoch` each epoch (as with
+    ``DistributedSampler``), or use :class:`dataloaders.DataLoader`, which does it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: int | None = None,
+        shuffle_window: float = 2.0,
+        num_canonical: int | None = None,
+        remainder: str = "pad",
+        cache_bytes: int = 512 << 20,
+        prefetch: int = 2,
+        io_threads: int = 2,
+        verify: bool = True,
+        transform: Callable[[Sample], Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if remainder not in ("pad", "drop"):
+            raise ValueError(f"remainder must be 'pad' or 'drop', not {remainder!r}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.url = url
+        self.shuffle = shuffle
+        self.seed = seed
+        self.batch_size = batch_size
+        self.shuffle_window = shuffle_window
+        self.num_canonical = num_canonical
+        self.remainder = remainder
+        self.cache_bytes = cache_bytes
+        self.prefetch = prefetch
+        self.io_threads = io_threads
+        self.verify = verify
+        self.transform = transform
+        self.epoch = 0
+        self._source = _Source(url, storage_options, None)
+        self._resume_position = 0  # where the current epoch starts (after a resume)
+        self._order_block: int | None = None  # the block of the resumed epoch's order
+        self._fingerprint: str | None = None  # of the manifest a loaded state came from
+        self._taken = 0  # samples this process has yielded in the current epoch
+        self._in_epoch = False
+        self._collated_batches = 0  # >0: yield collated batches of this size (DataLoader)
+        self._drop_last = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def manifest(self) -> Manifest:
+        """The dataset's manifest (read on first use)."""
+        manifest = self._source.manifest
+        if self._fingerprint is not None and manifest.fingerprint() != self._fingerprint:
+            raise ManifestError(
+                f"{self.url}: the shards differ from those of the loaded state "
+                "(the dataset was rewritten); cannot resume exactly"
+            )
+        return manifest
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s order for the next iteration (from its start)."""
+        if epoch != self.epoch:
+            self._resume_position = 0
+            self._order_block = None
+        self.epoch = epoch
+
+    def _block(self) -> int:
+        return self.batch_size or 1
+
+    def _canonical(self, world: World) -> int:
+        return self.num_canonical or world.partitions
+
+    def _plan(self, world: World) -> Plan:
+        return plan(
+            self.manifest.samples,
+            self._resume_position,
+            world.world_size,
+            self._block(),
+            self.remainder,
+        )
+
+    def __len__(self) -> int:
+        """Samples this rank gets in the current epoch (from the resume point, if any)."""
+        return self._plan(World.detect()).per_rank
+
+    def order(self, epoch: int | None = None, *, canonical: int | None = None) -> np.ndarray:
+        """The global sample order of ``epoch`` (default: the current one)."""
+        world = World.detect()
+        block = self._order_block if self._order_block is not None else self._block()
+        return epoch_order(
+            self.manifest.counts,
+            seed=self.seed,
+            epoch=self.epoch if epoch is None else epoch,
+            shuffle=self.shuffle,
+            window=self.shuffle_window,
+            canonical=canonical or self._canonical(world),
+            block=block,
+        )
+
+    # ------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[Any]:
+        samples = self._samples()
+        batch = self._collated_batches
+        if not batch:
+            yield from samples
+            return
+        # Batches made here (dataloaders.DataLoader's fast path): one object per batch through
+        # the DataLoader's machinery instead of one per sample, collated by field kind.
+        buffer: list[Any] = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) == batch:
+                yield self._collate(buffer)
+                buffer = []
+        if buffer and not self._drop_last:
+            yield self._collate(buffer)
+
+    def _collate(self, samples: list[Any]) -> Any:
+        """What ``default_collate`` makes of ``samples``, faster for the known fields."""
+        if self.transform is not None or not isinstance(samples[0], dict):
+            return default_collate(samples)
+        out: dict[str, Any] = {}
+        for spec in self.manifest.fields:
+            values = [s[spec.name] for s in samples]
+            if spec.kind in ("bytes", "str"):
+                out[spec.name] = values
+            elif spec.kind == "int":
+                out[spec.name] = torch.tensor(values, dtype=torch.int64)
+            elif spec.kind == "float":
+                out[spec.name] = torch.tensor(values, dtype=torch.float64)
+            else:  # arrays: default_collate stacks into shared memory inside workers
+                out[spec.name] = default_collate(values)
+        return out
+
+    def _samples(self) -> Iterator[Any]:
+        world = World.detect()
+        if world.num_workers > 1 and self.batch_size is None:
+            raise ValueError(
+                "StreamingDataset with several DataLoader workers needs batch_size= (the "
+                "DataLoader's), or use dataloaders.DataLoader, which sets it"
+            )
+        if world.num_workers > 1 or world.worker > 0:
+            _blosc_single_threaded()
+        manifest = self.manifest
+        epoch = self.epoch
+        if self.num_canonical is None:
+            self.num_canonical = world.partitions
+        the_plan = self._plan(world)
+        order = self.order(epoch)
+        positions = the_plan.positions(world.rank, world.worker, world.num_workers)
+        ids = sample_ids(order, positions)
+        counts = manifest.counts
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        shard_of = np.searchsorted(starts, ids, side="right") - 1 if len(ids) else ids
+        local = ids - starts[shard_of] if len(ids) else ids
+        # First and last use of each shard in this reader's sequence.
+        uniq, first = np.unique(shard_of, return_index=True)
+        sequence = uniq[np.argsort(first)].tolist()
+        last_use = {}
+        if len(shard_of):
+            rev_uniq, rev_first = np.unique(shard_of[::-1], return_index=True)
+            last_use = dict(
+                zip(rev_uniq.tolist(), (len(shard_of) - 1 - rev_first).tolist(), strict=True)
+            )
+        fetcher = self._source.fetcher(self.verify)
+        shards = manifest.shards
+        prefetcher = ShardPrefetcher(
+            lambda i: fetcher.load(shards[i]),
+            sequence,
+            [s.bytes for s in shards],
+            budget=self.cache_bytes,
+            ahead=self.prefetch,
+            threads=self.io_threads,
+        )
+        self._in_epoch = True
+        self._taken = 0
+        transform = self.transform
+        loaded: dict[int, DecodedShard] = {}
+        try:
+            for k, (s, j) in enumerate(zip(shard_of.tolist(), local.tolist(), strict=True)):
+                shard = loaded.get(s)
+                if shard is None:
+                    shard = loaded[s] = prefetcher.get(s)
+                sample = shard.sample(j)
+                if last_use[s] == k:
+                    del loaded[s]
+                    prefetcher.release(s)
+                self._taken += 1
+                yield sample if transform is None else transform(sample)
+        finally:
+            prefetcher.close()
+            self._in_epoch = False
+        self._finish_epoch(epoch)
+
+    def _finish_epoch(self, epoch: int) -> None:
+        """The epoch ``epoch`` was read to its end: the next iteration starts the next one."""
+        if self.epoch == epoch:
+            self.epoch = epoch + 1
+            self._resume_position = 0
+            self._order_block = None
+            self._taken = 0
+
+    # ----------------------------------------------------------------------- state
+    def state_dict(self, taken: int | None = None) -> dict[str, Any]:
+        """Where the run is: enough to resume exactly, on any number of ranks or workers.
+
+        Parameters
+        ----------
+        taken
+            Samples each rank has consumed in the current epoch. Default: what this
+            process yielded (right with ``num_workers=0``; with workers, call
+            :meth:`dataloaders.DataLoader.state_dict`, which counts batches).
+        """
+        world = World.detect()
+        taken = self._taken if taken is None else taken
+        position = self._plan(world).consumed(taken) if taken else self._resume_position
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "position": int(position),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_window": self.shuffle_window,
+            "num_canonical": self._canonical(world),
+            "block": self._order_block if self._order_block is not None else self._block(),
+            "samples": self.manifest.samples,
+            "fingerprint": self.manifest.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict`) at the next iteration."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported StreamingDataset state version {state.get('version')}")
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state["shuffle"])
+        self.shuffle_window = float(state["shuffle_window"])
+        self.num_canonical = int(state["num_canonical"])
+        self._resume_position = int(state["position"])
+        self._order_block = int(state["block"])
+        self._fingerprint = state.get("fingerprint")
+        self._taken = 0
+
+
+class ShardedDataset(Dataset[Sample]):
+    """Map-style access to a sharded dataset: ``ds[i]`` is sample ``i`` in write order.
+
+    Shards are fetched whole (one batched read) and kept in an LRU cache of ``cache_bytes``;
+    ``__getitems__`` (used by ``DataLoader`` for a batch) fetches the shards a batch needs in
+    one call. Good for evaluation and for random access within a working set; to stream a
+    dataset larger than the cache, use :class:`StreamingDataset`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cache_bytes: int = 512 << 20,
+        verify: bool = True,
+        transform: Callable[[Sample], Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.url = url
+        self.cache_bytes = cache_bytes
+        self.verify = verify
+        self.transform = transform
+        self._source = _Source(url, storage_options, None)
+        self._cache: OrderedDict[int, DecodedShard] = OrderedDict()
+        self._held = 0
+        self._starts: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        state["_held"] = 0
+        return state
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._source.manifest
+
+    def __len__(self) -> int:
+        return self.manifest.samples
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"sample {index} out of range for {n} samples")
+        index %= n
+        if self._starts is None:
+            self._starts = np.concatenate([[0], np.cumsum(self.manifest.counts)])
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return shard, index - int(self._starts[shard])
+
+    def _keep(self, shard: int, decoded: DecodedShard) -> None:
+        self._cache[shard] = decoded
+        self._held += decoded.nbytes
+        while self._held > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._held -= old.nbytes
+
+    def _shards(self, wanted: Sequence[int]) -> dict[int, DecodedShard]:
+        out: dict[int, DecodedShard] = {}
+        missing = []
+        for shard in dict.fromkeys(wanted):
+            cached = self._cache.get(shard)
+            if cached is None:
+                missing.append(shard)
+            else:
+                self._cache.move_to_end(shard)
+                out[shard] = cached
+        if missing:
+            fetcher = self._source.fetcher(self.verify)
+            for shard in missing:
+                decoded = fetcher.load(self.manifest.shards[shard])
+                self._keep(shard, decoded)
+                out[shard] = decoded
+        return out
+
+    def __getitem__(self, index: int) -> Any:
+        shard, local = self._locate(index)
+        sample = self._shards([shard])[shard].sample(local)
+        return sample if self.transform is None else self.transform(sample)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        located = [self._locate(i) for i in indices]
+        shards = self._shards([s for s, _ in located])
+        out = [shards[s].sample(j) for s, j in located]
+        return out if self.transform is None else [self.transform(x) for x in out]

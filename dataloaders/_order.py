@@ -1,0 +1,139 @@
+"""Epoch order and its partition among ranks and workers: pure functions, no I/O.
+
+The order of an epoch is a function of (shard sample counts, seed, epoch, shuffle window,
+``canonical`` stream count, ``block``) only, never of the number of ranks or workers: that is
+what makes a resume exact on a different world (the approach of MosaicML streaming's
+"canonical nodes", ``streaming/base/shuffle``).
+
+1. **Shards.** Shuffle the shard order (seed, epoch).
+2. **Streams.** Cut the resulting sample sequence into ``canonical`` contiguous spans of equal
+   length; inside each span, shuffle samples within windows of about ``window`` shards. A
+   span touches only its own shards, so a reader holds about ``window`` shards at a time.
+3. **Global order.** Interleave the spans block by block (``block`` samples each, normally
+   the batch size): block ``g`` comes from span ``g % canonical``.
+
+A run consumes the global order as a prefix: at each step every rank takes the next ``block``
+positions in rank order, and the step goes to worker ``step % num_workers`` of each rank (the
+DataLoader asks its workers round-robin). After ``k`` batches on every rank, exactly the
+first ``k * ranks * block`` positions are consumed, whatever the world: resuming is starting
+the partition at that position. When ``ranks * workers`` divides ``canonical`` (the default
+takes ``canonical`` = ranks x workers of the first run), each worker reads whole spans: its
+own shards only.
+
+Equal work per rank: the positions left are padded (repeating the epoch's first samples) or
+truncated to a multiple of the rank count, and a final short step is split evenly, so every
+rank gets the same samples and batches (uneven batch counts deadlock DDP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Plan", "epoch_order", "plan"]
+
+IntArray = np.ndarray[Any, np.dtype[np.int64]]
+
+
+def epoch_order(
+    counts: IntArray | list[int],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    window: float = 2.0,
+    canonical: int = 1,
+    block: int = 1,
+) -> IntArray:
+    """Global sample ids (``0..N-1``) in this epoch's order (see module docstring)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n = int(counts.sum())
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if canonical < 1 or block < 1 or window <= 0:
+        raise ValueError("canonical and block must be >= 1 and window > 0")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rng = np.random.default_rng([seed, epoch, 0x10C5])
+    shard_order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
+    # Sample ids in shard order (vectorised concatenation of ranges).
+    lengths = counts[shard_order]
+    seq = np.repeat(starts[shard_order] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    seq += np.arange(n, dtype=np.int64)
+    # Spans: equal contiguous parts of the sequence.
+    pos = np.arange(n, dtype=np.int64)
+    bounds = (n * np.arange(canonical + 1, dtype=np.int64)) // canonical
+    span = np.searchsorted(bounds, pos, side="right") - 1
+    offset = pos - bounds[span]
+    if shuffle:
+        per_window = max(1, round(window * n / len(counts)))
+        window_id = span * (n + 1) + offset // per_window
+        keys = rng.random(n)
+        inside = np.lexsort((keys, window_id))  # shuffled within (span, window)
+        seq = seq[inside]
+    # Interleave the spans block by block.
+    rounds = offset // block
+    interleave = np.lexsort((pos, span, rounds))
+    out: IntArray = seq[interleave]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How the positions ``[start, end)`` of an epoch are dealt to ranks and workers."""
+
+    start: int
+    end: int
+    ranks: int
+    block: int
+
+    @property
+    def per_rank(self) -> int:
+        """Samples each rank gets."""
+        return (self.end - self.start) // self.ranks
+
+    @property
+    def full_steps(self) -> int:
+        return (self.end - self.start) // (self.ranks * self.block)
+
+    def positions(self, rank: int, worker: int = 0, workers: int = 1) -> IntArray:
+        """Epoch positions of one (rank, worker), in the order it yields them."""
+        b, r = self.block, self.ranks
+        steps = np.arange(worker, self.full_steps, workers, dtype=np.int64)
+        parts = [(self.start + steps[:, None] * r * b + rank * b + np.arange(b)).reshape(-1)]
+        tail = (self.end - self.start) - self.full_steps * r * b
+        if tail and self.full_steps % workers == worker:
+            q = tail // r
+            base = self.start + self.full_steps * r * b + rank * q
+            parts.append(np.arange(base, base + q, dtype=np.int64))
+        out: IntArray = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return out
+
+    def consumed(self, taken: int) -> int:
+        """The position the epoch has reached once every rank has taken ``taken`` samples."""
+        b, r = self.block, self.ranks
+        taken = min(taken, self.per_rank)
+        return min(self.start + (taken // b) * r * b + (taken % b) * r, self.end)
+
+
+def plan(n: int, start: int, ranks: int, block: int, remainder: str = "pad") -> Plan:
+    """The plan for an epoch of ``n`` samples resumed at position ``start``.
+
+    ``remainder="pad"`` repeats samples so every rank gets ``ceil(left / ranks)``;
+    ``"drop"`` leaves out up to ``ranks - 1`` samples (the last of the order).
+    """
+    if remainder not in ("pad", "drop"):
+        raise ValueError(f"remainder must be 'pad' or 'drop', not {remainder!r}")
+    left = max(0, n - start)
+    left = -(-left // ranks) * ranks if remainder == "pad" else left // ranks * ranks
+    return Plan(start=start, end=start + left, ranks=ranks, block=block)
+
+
+def sample_ids(order: IntArray, positions: IntArray) -> IntArray:
+    """Sample ids at epoch ``positions`` (padding positions wrap to the epoch's start)."""
+    n = len(order)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    out: IntArray = order[positions % n]
+    return out

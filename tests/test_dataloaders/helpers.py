@@ -1,0 +1,50 @@
+"""Helpers of the dataloaders tests.
+
+This package is ``tests/test_dataloaders`` rather than ``tests/dataloaders``: pytest puts
+``tests/`` on ``sys.path``, where a directory named ``dataloaders`` would shadow the package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def make_samples(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Image-like samples: incompressible bytes (as JPEG), a label and the sample's id."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.integers(0, 256, int(rng.integers(200, 2000)), dtype=np.uint8).tobytes(),
+            "label": int(rng.integers(0, 10)),
+            "id": i,
+        }
+        for i in range(n)
+    ]
+
+
+def smooth_field(n: int, shape: tuple[int, int] = (32, 32), seed: int = 0) -> np.ndarray:
+    """``n`` smooth float32 fields (climate-like: sines plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    base = 280 + 10 * (np.sin(x / 15) + 0.7 * np.cos(y / 9.7))
+    out = base[None] + np.arange(n, dtype=np.float32)[:, None, None] * 0.01
+    out += rng.normal(0, 0.05, size=out.shape).astype(np.float32)
+    return out.astype(np.float32)
+
+
+def ids_of(batches: Any) -> list[int]:
+    out: list[int] = []
+    for batch in batches:
+        ids = batch["id"]
+        out += [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    return out
+
+
+def corrupt(path: str | os.PathLike[str], offset: int = 10) -> None:
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
