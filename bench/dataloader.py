@@ -1,0 +1,541 @@
+"""Streaming data loaders side by side: this project vs MosaicML streaming, LitData, WebDataset
+and plain files, on the same data, read with the same DataLoader settings.
+
+    python bench/dataloader.py [--quick] --json bench/results/dataloader.json
+    python bench/dataloader.py --make-peer-venv        # builds the peers' venv (once, ~6 GB)
+
+Datasets (made here, deterministic; nothing downloaded):
+
+- ``images``: small samples of 4-16 KiB incompressible bytes (what JPEG bytes are to a codec:
+  no loader decodes them here) plus an int label; 200k samples (20k with ``--quick``).
+- ``arrays``: 64x64 float32 fields, smooth climate-like (``machine_limits.md`` section 3
+  formula: sines plus N(0, 0.05) noise) plus an int label; 1 GiB (128 MiB with ``--quick``).
+
+Systems: ``iosvc-local`` (dataloaders.StreamingDataset on local disk), ``iosvc-remote`` (the
+same shards on a 2-server iosvc cluster started here), ``files`` (one file per sample,
+map-style Dataset), ``webdataset`` (tar shards), ``mosaicml-streaming`` (MDS) and
+``litdata``. Each system writes the data its own way, then is read for one shuffled epoch in
+a fresh process by ``DataLoader(batch_size=256, num_workers=2)`` (each system's own loader
+class where it has one). MosaicML streaming and LitData import torchvision, which does not load
+beside this project's torch 2.13.0 CPU wheel, so they run in a separate venv (torch 2.14.1 +
+torchvision 0.29.1 from this machine's wheels): ``--make-peer-venv`` builds it and
+``--peer-python`` points at it (default: ``~/.cache/iosvc/bench-dataloader-venv``).
+
+Each cell: samples/s and MB/s (payload bytes delivered per second) over the whole epoch
+including start-up, time to first batch, peak RSS of the reader and its workers (sum, sampled
+every 20 ms), bytes on disk (or on the iosvc servers), or ``error``. The machine has 2 cores;
+the iosvc servers share them with the reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SYSTEMS = ["iosvc-local", "iosvc-remote", "files", "webdataset", "mosaicml-streaming", "litdata"]
+PEERS = {"mosaicml-streaming", "litdata"}  # run in the peer venv
+DATASETS = ["images", "arrays"]
+BATCH = 256
+WORKERS = 2
+DEFAULT_PEER_VENV = Path.home() / ".cache" / "iosvc" / "bench-dataloader-venv"
+PEER_REQUIREMENTS = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "mosaicml-streaming==0.13.0",
+    "litdata==0.2.76",
+    "webdataset",
+]
+
+
+# ------------------------------------------------------------------------------ the data
+def sizes(quick: bool) -> dict[str, int]:
+    return {"images": 20_000 if quick else 200_000, "arrays": 8192 if quick else 65_536}
+
+
+def _image_block(start: int, count: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng([1, start])
+    lengths = rng.integers(4096, 16385, size=count)
+    blob = rng.integers(0, 256, size=int(lengths.sum()), dtype=np.uint8).tobytes()
+    labels = rng.integers(0, 1000, size=count)
+    ends = np.cumsum(lengths)
+    return [
+        {"image": blob[int(e - n) : int(e)], "label": int(lab)}
+        for e, n, lab in zip(ends, lengths, labels, strict=True)
+    ]
+
+
+def _array_block(start: int, count: int) -> list[dict[str, Any]]:
+    y, x = np.mgrid[0:64, 0:64].astype(np.float32)
+    rng = np.random.default_rng([2, start])
+    shift = rng.uniform(0, 1000, size=(count, 1, 1)).astype(np.float32)
+    fields = 280 + 10 * (
+        np.sin((x + shift) / 150) + 0.7 * np.cos((y + shift) / 97) + 0.3 * np.sin((x + y) / 41)
+    )
+    fields = (fields + rng.normal(0, 0.05, size=fields.shape)).astype(np.float32)
+    labels = rng.integers(0, 10, size=count)
+    return [{"x": fields[k], "label": int(labels[k])} for k in range(count)]
+
+
+BLOCK = 4096  # samples are made in blocks of this many (any process can make any block)
+
+
+def generate(dataset: str, n: int, start: int = 0, stop: int | None = None) -> Iterator[Any]:
+    """Samples ``[start, stop)`` of the ``dataset`` of ``n`` samples, always the same."""
+    stop = n if stop is None else min(stop, n)
+    make = _image_block if dataset == "images" else _array_block
+    for block in range(start - start % BLOCK, stop, BLOCK):
+        samples = make(block, min(BLOCK, n - block))
+        for k, sample in enumerate(samples):
+            if start <= block + k < stop:
+                yield sample
+
+
+def payload(sample: dict[str, Any]) -> int:
+    value = sample["image"] if "image" in sample else sample["x"]
+    return len(value) if isinstance(value, bytes) else int(np.asarray(value).nbytes)
+
+
+def du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------- writers
+def write_ours(dataset: str, n: int, out: str) -> int:
+    import dataloaders
+
+    summary = dataloaders.write_shards(generate(dataset, n), out, overwrite=True)
+    return summary.bytes
+
+
+def write_files(dataset: str, n: int, out: str) -> int:
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    labels = []
+    for i, sample in enumerate(generate(dataset, n)):
+        sub = root / f"{i // 1000:04d}"
+        if i % 1000 == 0:
+            sub.mkdir(exist_ok=True)
+        if dataset == "images":
+            (sub / f"{i:07d}.jpg").write_bytes(sample["image"])
+        else:
+            np.save(sub / f"{i:07d}.npy", sample["x"])
+        labels.append(sample["label"])
+    np.save(root / "labels.npy", np.array(labels))
+    return du(root)
+
+
+def write_webdataset(dataset: str, n: int, out: str) -> int:
+    import webdataset as wds
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(root / "shard-%06d.tar"), maxsize=64 << 20, verbose=0) as sink:
+        for i, sample in enumerate(generate(dataset, n)):
+            record: dict[str, Any] = {"__key__": f"{i:08d}", "cls": sample["label"]}
+            if dataset == "images":
+                record["jpg"] = sample["image"]
+            else:
+                record["npy"] = sample["x"]
+            sink.write(record)
+    return du(root)
+
+
+def write_mds(dataset: str, n: int, out: str) -> int:
+    from streaming import MDSWriter
+
+    columns = (
+        {"image": "bytes", "label": "int"}
+        if dataset == "images"
+        else {"x": "ndarray:float32:64,64", "label": "int"}
+    )
+    with MDSWriter(out=out, columns=columns, size_limit=64 << 20) as writer:
+        for sample in generate(dataset, n):
+            writer.write(sample)
+    return du(Path(out))
+
+
+def _litdata_block(dataset: str, n: int, start: int) -> Iterator[dict[str, Any]]:
+    yield from generate(dataset, n, start, start + BLOCK)
+
+
+def write_litdata(dataset: str, n: int, out: str) -> int:
+    import litdata
+
+    litdata.optimize(
+        fn=functools.partial(_litdata_block, dataset, n),
+        inputs=list(range(0, n, BLOCK)),
+        output_dir=out,
+        chunk_bytes="64MB",
+        num_workers=1,
+        mode="overwrite",
+    )
+    return du(Path(out))
+
+
+WRITERS: dict[str, Callable[[str, int, str], int]] = {
+    "iosvc-local": write_ours,
+    "iosvc-remote": write_ours,
+    "files": write_files,
+    "webdataset": write_webdataset,
+    "mosaicml-streaming": write_mds,
+    "litdata": write_litdata,
+}
+
+
+# ----------------------------------------------------------------------------- readers
+class FilesDataset:
+    """Map-style: one file per sample (what an ImageFolder reader does, minus decoding)."""
+
+    def __init__(self, root: str, dataset: str) -> None:
+        self.root = Path(root)
+        self.dataset = dataset
+        self.labels = np.load(self.root / "labels.npy")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sub = self.root / f"{i // 1000:04d}"
+        if self.dataset == "images":
+            return {"image": (sub / f"{i:07d}.jpg").read_bytes(), "label": int(self.labels[i])}
+        return {"x": np.load(sub / f"{i:07d}.npy"), "label": int(self.labels[i])}
+
+
+def _wds_map(dataset: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def convert(sample: dict[str, Any]) -> dict[str, Any]:
+        label = int(sample["cls"])
+        if dataset == "images":
+            return {"image": sample["jpg"], "label": label}
+        return {"x": sample["npy"], "label": label}
+
+    return convert
+
+
+def make_loader(system: str, dataset: str, location: str) -> Any:
+    import torch.utils.data
+
+    if system in ("iosvc-local", "iosvc-remote"):
+        import dataloaders
+
+        ds = dataloaders.StreamingDataset(location, seed=0)
+        return dataloaders.DataLoader(ds, batch_size=BATCH, num_workers=WORKERS)
+    if system == "files":
+        return torch.utils.data.DataLoader(
+            FilesDataset(location, dataset),  # type: ignore[arg-type]
+            batch_size=BATCH,
+            shuffle=True,
+            num_workers=WORKERS,
+        )
+    if system == "webdataset":
+        import webdataset as wds
+
+        urls = sorted(str(p) for p in Path(location).glob("*.tar"))
+        pipeline = (
+            wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node)
+            .shuffle(1000)
+            .decode()
+            .map(_wds_map(dataset))
+        )
+        return torch.utils.data.DataLoader(pipeline, batch_size=BATCH, num_workers=WORKERS)
+    if system == "mosaicml-streaming":
+        from streaming import StreamingDataset
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+        ds = StreamingDataset(local=location, shuffle=True, batch_size=BATCH)
+        return torch.utils.data.DataLoader(ds, batch_size=BATCH, num_workers=WORKERS)
+    if system == "litdata":
+        import litdata
+
+        ds = litdata.StreamingDataset(input_dir=location, shuffle=True)
+        return litdata.StreamingDataLoader(ds, batch_size=BATCH, num_workers=WORKERS)
+    raise ValueError(system)
+
+
+def _rss_tree(pid: int) -> int:
+    total = 0
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack += [int(c) for c in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return total
+
+
+def read_epoch(system: str, dataset: str, location: str) -> dict[str, Any]:
+    """One shuffled epoch in this (fresh) process: the measurement."""
+    peak = [0]
+    stop = threading.Event()
+
+    def sample_rss() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_tree(os.getpid()))
+            stop.wait(0.02)
+
+    # Imports are not the loader's start-up: done before the clock starts, for every system.
+    import importlib
+
+    import torch.utils.data  # noqa: F401
+
+    modules = {
+        "iosvc-local": "dataloaders",
+        "iosvc-remote": "dataloaders",
+        "webdataset": "webdataset",
+        "mosaicml-streaming": "streaming",
+        "litdata": "litdata",
+    }
+    if system in modules:
+        importlib.import_module(modules[system])
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    loader = make_loader(system, dataset, location)
+    first = None
+    samples = 0
+    nbytes = 0
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter() - t0
+        labels = batch["label"]
+        samples += len(labels)
+        if dataset == "images":
+            nbytes += sum(len(b) for b in batch["image"])
+        else:
+            nbytes += int(batch["x"].numel()) * 4
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    # CPU time of the reader and its (joined) workers: robust when other jobs share the cores.
+    del loader
+    gc.collect()
+    usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    return {
+        "cpu_s": cpu,
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "mb_per_s": nbytes / seconds / 1e6,
+        "first_batch_s": first,
+        "peak_rss_bytes": peak[0],
+    }
+
+
+# ------------------------------------------------------------------------- orchestration
+def _child(args: argparse.Namespace) -> None:
+    """``--child write|read SYSTEM DATASET N LOCATION``: one step in a fresh process."""
+    action, system, dataset, n, location = args.child
+    if action == "write":
+        out = {"bytes_on_disk": WRITERS[system](dataset, int(n), location)}
+    else:
+        out = read_epoch(system, dataset, location)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _run_child(python: str, argv: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    proc = subprocess.run(
+        [python, __file__, "--child", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result: dict[str, Any] = json.loads(line[7:])
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    raise RuntimeError(f"exit {proc.returncode}: {' | '.join(tail)[-500:]}")
+
+
+def make_peer_venv(path: Path) -> None:
+    """Build the venv of the peers (torch 2.14.1 + torchvision 0.29.1, MDS, LitData)."""
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, *PEER_REQUIREMENTS], check=True)
+    print(f"peer venv ready: {path}/bin/python")
+
+
+def _peer_python(path: Path) -> tuple[str | None, str]:
+    python = path / "bin" / "python"
+    if not python.exists():
+        return (
+            None,
+            f"not run: no peer venv at {path} (python bench/dataloader.py --make-peer-venv)",
+        )
+    probe = subprocess.run(
+        [str(python), "-c", "import streaming, litdata"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode:
+        return None, "not run: the peer venv cannot import streaming/litdata: " + probe.stderr[
+            -300:
+        ]
+    return str(python), ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller datasets (a few minutes)")
+    parser.add_argument("--json", type=Path, help="write results here")
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_VENV)
+    parser.add_argument("--workdir", type=Path, help="where datasets are written (temp dir)")
+    parser.add_argument("--make-peer-venv", action="store_true", help="build the peer venv")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
+    if args.make_peer_venv:
+        make_peer_venv(args.peer_python)
+        return
+    from iosvc.server import LocalCluster
+
+    load_start = os.getloadavg()  # other jobs on the 2 cores skew wall-clock rates
+    peer_python, peer_error = _peer_python(args.peer_python)
+    n_by_dataset = sizes(args.quick)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-dataloader-"))
+    work.mkdir(parents=True, exist_ok=True)
+    memory = (1 << 30) if args.quick else (3 << 30)
+    with LocalCluster(2, memory=memory, workdir=work / "cluster") as cluster:
+        assert cluster.spec is not None
+        cluster.spec.save(work / "cluster.json")
+        env = {**os.environ, "IOSVC_CLUSTER": str(work / "cluster.json"), "OMP_NUM_THREADS": "1"}
+        for dataset in args.datasets:
+            n = n_by_dataset[dataset]
+            results[dataset] = {}
+            for system in args.systems:
+                cell: dict[str, Any] = dict.fromkeys(
+                    (
+                        "samples_per_s",
+                        "mb_per_s",
+                        "first_batch_s",
+                        "peak_rss_bytes",
+                        "bytes_on_disk",
+                    )
+                )
+                cell["error"] = None
+                python = sys.executable
+                if system in PEERS:
+                    if peer_python is None:
+                        cell["error"] = peer_error
+                        results[dataset][system] = cell
+                        print(f"{dataset:7} {system:19} {peer_error}", flush=True)
+                        continue
+                    python = peer_python
+                location = (
+                    f"iosvc://bench/{dataset}"
+                    if system == "iosvc-remote"
+                    else str(work / dataset / system)
+                )
+                try:
+                    t = time.perf_counter()
+                    written = _run_child(
+                        python, ["write", system, dataset, str(n), location], env, timeout=3600
+                    )
+                    cell["write_s"] = time.perf_counter() - t
+                    cell["bytes_on_disk"] = written["bytes_on_disk"]
+                    subprocess.run(["sync"], check=False)
+                    cell.update(
+                        _run_child(
+                            python, ["read", system, dataset, str(n), location], env, timeout=3600
+                        )
+                    )
+                    if cell["samples"] < n:
+                        cell["error"] = f"read {cell['samples']} of {n} samples"
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    cell["error"] = str(exc)
+                results[dataset][system] = cell
+                print(_row(dataset, system, cell), flush=True)
+                if system not in ("iosvc-remote",):
+                    shutil.rmtree(work / dataset / system, ignore_errors=True)
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(table(results, n_by_dataset))
+    if args.json:
+        doc = {
+            "benchmark": "dataloader",
+            "quick": args.quick,
+            "batch_size": BATCH,
+            "num_workers": WORKERS,
+            "samples": n_by_dataset,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "loadavg_at_start": load_start,
+                "loadavg_at_end": os.getloadavg(),
+            },
+            "results": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1))
+
+
+def _row(dataset: str, system: str, cell: dict[str, Any]) -> str:
+    if cell.get("samples_per_s") is None:
+        return f"{dataset:7} {system:19} error: {cell['error']}"
+    return (
+        f"{dataset:7} {system:19} {cell['samples_per_s']:>10,.0f} {cell['mb_per_s']:>8,.0f} "
+        f"{cell['first_batch_s']:>7.2f} {cell['peak_rss_bytes'] / 2**20:>8,.0f} "
+        f"{cell['bytes_on_disk'] / 2**20:>9,.1f} {cell.get('cpu_s') or 0:>6.1f}"
+        + (f"  ({cell['error']})" if cell.get("error") else "")
+    )
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], n_by_dataset: dict[str, int]) -> str:
+    lines = [
+        f"{'dataset':7} {'system':19} {'samples/s':>10} {'MB/s':>8} {'1st (s)':>7} "
+        f"{'RSS MiB':>8} {'disk MiB':>9} {'CPU s':>6}  ratios"
+    ]
+    for dataset, cells in results.items():
+        ok = {s: c for s, c in cells.items() if c.get("samples_per_s")}
+        peers = [c["samples_per_s"] for s, c in ok.items() if not s.startswith("iosvc")]
+        best_peer = max(peers) if peers else None
+        local = ok.get("iosvc-local", {}).get("samples_per_s")
+        for system, cell in cells.items():
+            row = _row(dataset, system, cell)
+            if system == "iosvc-local" and best_peer and local:
+                row += f"  {local / best_peer:.2f}x best peer"
+            if system == "iosvc-remote" and local and cell.get("samples_per_s"):
+                row += f"  {cell['samples_per_s'] / local:.2f}x iosvc-local"
+            lines.append(row)
+        raw = n_by_dataset[dataset] * (64 * 64 * 4 if dataset == "arrays" else 10 * 1024)
+        if dataset == "arrays" and ok.get("iosvc-local", {}).get("bytes_on_disk"):
+            disk = ok["iosvc-local"]["bytes_on_disk"]
+            lines.append(f"{'':27} arrays on disk: {disk / raw:.2f}x raw size")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
