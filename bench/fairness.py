@@ -686,7 +686,9 @@ def analyse(
     if w1 - w0 < 0.5:
         raise SystemExit(f"no window with all jobs active after warm-up ({w0:.1f}-{w1:.1f} s)")
     span = w1 - w0
-    expected = expected_for(policy, jobs)
+    # A bursty job asks for less than its share: the policy's shares do not apply to it (the
+    # hogvictim summary judges it against its demand instead).
+    expected = None if any(j.burst for j in jobs) else expected_for(policy, jobs)
     s0, s1 = _interp_served(mon, w0), _interp_served(mon, w1)
     srv = {k: (s1.get(k, (0, 0))[0] - s0.get(k, (0, 0))[0]) for k in (j.name for j in jobs)}
     srv_ops = {k: (s1.get(k, (0, 0))[1] - s0.get(k, (0, 0))[1]) for k in (j.name for j in jobs)}
@@ -1024,18 +1026,24 @@ def plot_runs(
         squeeze=False,
         sharey=True,
     )
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names: list[str] = []
+    for _, res in runs:
+        names += [n for n in res["series"]["jobs_bps"] if n not in names]
+    color = {n: palette[k % len(palette)] for k, n in enumerate(names)}
     for ax, (label, res) in zip(axes.flat, runs, strict=False):
         series = res["series"]
         cap = res["capacity_bps"]
         w0, w1 = res["window_s"]
         total = [0.0] * len(series["t"])
-        for k, (name, bps) in enumerate(series["jobs_bps"].items()):
-            c = colors[k % len(colors)]
+        for name, bps in series["jobs_bps"].items():
+            c = color[name]
             ax.plot(series["t"], [b / 1e6 for b in bps], color=c, lw=1.2, label=name)
             total = [a + b for a, b in zip(total, bps, strict=False)]
             exp = res["jobs"][name]["expected_share"]
-            if exp and cap:
+            # with mixed request sizes the shares are of cost, not bytes: no line in bytes/s
+            one_size = len({j["size"] for j in res["jobs"].values()}) == 1
+            if exp and cap and one_size:
                 ax.hlines(exp * cap / 1e6, w0, w1, colors=c, linestyles="--", lw=0.9)
         ax.plot(series["t"], [b / 1e6 for b in total], color="0.45", lw=0.8, ls=":", label="sum")
         if cap:
@@ -1063,7 +1071,8 @@ def plot_runs(
     width, height = fig.get_size_inches()
     note = textwrap.fill(
         "solid: bytes completed per job as seen by the clients (0.1 s bins); dotted: their sum; "
-        "dashed: expected share x device capacity; grey line: capacity; grey band: warm-up; "
+        "dashed: expected share x device capacity (one request size only); grey line: capacity; "
+        "grey band: warm-up; "
         "dash-dot: arrival/departure",
         width=int(width * 15),
     )
@@ -1216,7 +1225,7 @@ def scenarios(quick: bool = False) -> list[Scenario]:
             device_bandwidth=None,
             policies=("fifo", "size-fair"),
             kind="overhead",
-            repeats=2 if quick else 4,
+            repeats=2 if quick else 6,
         ),
     ]
 
@@ -1227,6 +1236,8 @@ async def run_scenario(
     console = _console()
     console.rule(f"[bold]{sc.name}[/bold]: {sc.title}")
     policies = list(only_policies) if only_policies else list(sc.policies)
+    if not sc.device_bandwidth:
+        policies = [p for p in policies if p != "tbf"]  # caps are fractions of the device
     out: dict[str, Any] = {
         "title": sc.title,
         "kind": sc.kind,
@@ -1258,7 +1269,10 @@ async def run_scenario(
                     print_run(res, f"{sc.name}: {job.name} alone")
                     out["solo"][f"{job.name}@{pname}"] = res
         if sc.kind == "overhead":
-            order = [p for _ in range(sc.repeats) for p in policies]
+            # ABBA order: a drift of the machine over the run hits both policies alike
+            order = [
+                p for r in range(sc.repeats) for p in (policies if r % 2 == 0 else policies[::-1])
+            ]
             rounds: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
             for pname in order:
                 policy = policy_spec(pname, sc, sc.jobs)
@@ -1289,7 +1303,7 @@ def summarise_scenario(sc: Scenario, out: dict[str, Any]) -> None:
     if sc.kind == "overhead" and {"fifo", "size-fair"} <= runs.keys():
         f = runs["fifo"]["rounds_aggregate_bps"]
         s = runs["size-fair"]["rounds_aggregate_bps"]
-        pairs = [b / a for a, b in zip(f, s, strict=False)]
+        pairs = [b / a for a, b in zip(f, s, strict=False)]  # adjacent rounds (ABBA)
         out["overhead"] = {
             "fifo_bps": f,
             "size_fair_bps": s,
@@ -1340,6 +1354,11 @@ def summarise_scenario(sc: Scenario, out: dict[str, Any]) -> None:
                     else None
                 )
                 row["slowdown_reduction_vs_tbf"] = _slow_red(row, ref)
+                row["burst_cv_reduction_vs_tbf"] = (
+                    1 - row["victim_burst_cv"] / ref["victim_burst_cv"]
+                    if row["victim_burst_cv"] is not None and ref["victim_burst_cv"]
+                    else None
+                )
             if fifo:
                 row["slowdown_reduction_vs_fifo"] = _slow_red(row, fifo)
         out["hogvictim"] = {
@@ -1404,6 +1423,12 @@ async def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
         },
         "scenarios": {},
     }
+    previous = out_dir / "fairness_matrix.json"
+    if args.merge and previous.exists():
+        # Re-run some scenarios (e.g. one disturbed by other jobs) and keep the others' results.
+        kept = json.loads(previous.read_text())["scenarios"]
+        matrix["scenarios"] = {k: v for k, v in kept.items() if k not in {s.name for s in all_sc}}
+        matrix["merged_from_previous_run"] = sorted(matrix["scenarios"])
     t0 = time.monotonic()
     BUDGET.deadline = t0 + args.budget
     with tempfile.TemporaryDirectory(prefix="iosvc-fair-") as tmp:
@@ -1582,13 +1607,15 @@ def matrix_report(matrix: dict[str, Any]) -> str:
                 f"alone under tbf: burst {_f(hv['victim_alone_tbf_burst_s'], '{:.3f} s')}. "
                 "Slowdown = mean burst time with the hog / alone. Jain's index over throughput "
                 "normalised by the equal-weight max-min fair allocation (victim capped at its "
-                "alone demand). CV = coefficient of variation of the victim's per-second "
-                "throughput.",
+                "alone demand). CV (1 s) = coefficient of variation of the victim's per-second "
+                "throughput; it mostly measures how many whole bursts fall into each 1 s bin "
+                "(a period of burst + 0.2 s think that divides 1 s gives 0 exactly), so the "
+                "burst CV (variation of the time each 8 MiB burst takes) is the one to compare.",
                 "",
                 "| policy | aggregate MB/s | vs tbf | victim MB/s | victim burst s | slowdown | "
                 "slowdown cut vs fifo | vs tbf | victim CV (1 s) | CV cut vs tbf | burst CV | "
-                "Jain |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "burst CV cut vs tbf | Jain |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for pname, row in hv["policies"].items():
                 lines.append(
@@ -1600,7 +1627,9 @@ def matrix_report(matrix: dict[str, Any]) -> str:
                     f"{_f(row.get('slowdown_reduction_vs_tbf'), '{:.1%}')} | "
                     f"{_f(row['victim_cv_per_second'])} | "
                     f"{_f(row.get('cv_reduction_vs_tbf'), '{:.1%}')} | "
-                    f"{_f(row['victim_burst_cv'])} | {_f(row['jain_index'])} |"
+                    f"{_f(row['victim_burst_cv'])} | "
+                    f"{_f(row.get('burst_cv_reduction_vs_tbf'), '{:.1%}')} | "
+                    f"{_f(row['jain_index'])} |"
                 )
         if "overhead" in sc:
             o = sc["overhead"]
@@ -1611,7 +1640,8 @@ def matrix_report(matrix: dict[str, Any]) -> str:
                 sc["title"]
                 + f". Rounds (MB/s): fifo {', '.join(f'{x / 1e6:.0f}' for x in o['fifo_bps'])}; "
                 f"size-fair {', '.join(f'{x / 1e6:.0f}' for x in o['size_fair_bps'])}. "
-                f"size-fair / fifo: median of paired rounds **{o['ratio_median_of_rounds']:.3f}**, "
+                f"size-fair / fifo: median of adjacent pairs (ABBA order) "
+                f"**{o['ratio_median_of_rounds']:.3f}**, "
                 f"ratio of medians {o['ratio_of_medians']:.3f} (target >= {o['target']:.2f}).",
             ]
     lines += ["", "## Plots", ""]
@@ -1661,6 +1691,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--policies", help="matrix: comma-separated presets or policy files (replace the defaults)"
     )
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="matrix: keep the other scenarios of the existing fairness_matrix.json",
+    )
     p.add_argument(
         "--budget",
         type=float,
