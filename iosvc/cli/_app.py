@@ -71,7 +71,7 @@ def up(
     capacity: Annotated[str | None, typer.Option(help="Capacity per server with --dir.")] = None,
     slots: Annotated[
         int | None,
-        typer.Option(help="Concurrent I/O slots per server [default: 16, or 2 with a device]."),
+        typer.Option(help="Concurrent I/O slots per server [default: 16]."),
     ] = None,
     policy: Annotated[
         str, typer.Option(help="Sharing policy: a preset name or a policy TOML file.")
@@ -186,7 +186,7 @@ def serve(
     directory: Annotated[Path | None, typer.Option("--dir", help="Keep data under DIR.")] = None,
     capacity: Annotated[str | None, typer.Option(help="Capacity with --dir.")] = None,
     slots: Annotated[
-        int | None, typer.Option(help="Concurrent I/O slots [default: 16, or 2 with a device].")
+        int | None, typer.Option(help="Concurrent I/O slots [default: 16].")
     ] = None,
     policy: Annotated[
         str, typer.Option(help="Sharing policy: a preset name or a policy TOML file.")

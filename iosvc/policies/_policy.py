@@ -249,12 +249,18 @@ class TreePolicy(Policy):
     users, groups, jobs
         Explicit weights by name for the user, group and job levels (default 1, or the job's node
         count for size-weighted presets). A table for a level the preset does not have is an error.
+    burst_credit
+        Bytes of unused share a job (user, group) that comes back from idle may take ahead of the
+        others (default 0: none, plain SFQ). Bursty jobs then see their bursts served at full
+        speed while long-running jobs keep their shares; it never exceeds what the job left
+        unused, so a job cannot bank more than this by going idle on purpose.
     """
 
     op_cost: int = DEFAULT_OP_COST
     users: Mapping[str, float] = field(default_factory=dict)
     groups: Mapping[str, float] = field(default_factory=dict)
     jobs: Mapping[str, float] = field(default_factory=dict)
+    burst_credit: int = 0
 
     _LEVELS: ClassVar[tuple[str, ...]] = ()
     #: whether a job's default weight is its node count (else 1)
@@ -263,6 +269,14 @@ class TreePolicy(Policy):
     def __post_init__(self) -> None:
         if isinstance(self.op_cost, bool) or not isinstance(self.op_cost, int) or self.op_cost < 0:
             raise InvalidArgument(f"op_cost: must be an integer >= 0 bytes, got {self.op_cost!r}")
+        if (
+            isinstance(self.burst_credit, bool)
+            or not isinstance(self.burst_credit, int)
+            or self.burst_credit < 0
+        ):
+            raise InvalidArgument(
+                f"burst_credit: must be an integer >= 0 bytes, got {self.burst_credit!r}"
+            )
         for level, table in _TABLE_OF_LEVEL.items():
             weights = getattr(self, table)
             parsed = _weight_table(weights, table)
@@ -299,6 +313,8 @@ class TreePolicy(Policy):
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": self.name, "op_cost": self.op_cost}
+        if self.burst_credit:
+            out["burst_credit"] = self.burst_credit
         for table in ("groups", "users", "jobs"):
             weights = getattr(self, table)
             if weights:
@@ -308,11 +324,18 @@ class TreePolicy(Policy):
     @classmethod
     def from_options(cls: type[P], options: Mapping[str, Any]) -> P:
         _check_known_fields(
-            options, ("policy", "op_cost", "groups", "users", "jobs"), f"policy {cls.name!r}"
+            options,
+            ("policy", "op_cost", "burst_credit", "groups", "users", "jobs"),
+            f"policy {cls.name!r}",
         )
         kwargs: dict[str, Any] = {}
         if "op_cost" in options:
             kwargs["op_cost"] = _parse_op_cost(options["op_cost"])
+        if "burst_credit" in options:
+            try:
+                kwargs["burst_credit"] = parse_size(options["burst_credit"])
+            except ValueError as exc:
+                raise InvalidArgument(f"burst_credit: {exc}") from None
         for table in ("groups", "users", "jobs"):
             if table in options:
                 kwargs[table] = _weight_table(options[table], table)

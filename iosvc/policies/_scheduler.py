@@ -63,7 +63,8 @@ _REBASE_AT = 2.0**32
 _FIFO, _FLAT, _DEEP, _TBF = range(4)
 
 # A queued request: (arrival seq, identity, nbytes, item, enqueue time).
-_Entry = tuple[int, JobIdentity, int, Any, float]
+# (arrival order, identity, bytes, operations charged (0 or 1), item, enqueue time)
+_Entry = tuple[int, JobIdentity, int, int, Any, float]
 
 
 def _check_nbytes(nbytes: object) -> None:
@@ -342,7 +343,7 @@ class FairScheduler(Generic[T]):
         """Sum of ``nbytes`` over queued requests."""
         return self._qbytes
 
-    def enqueue(self, identity: JobIdentity, nbytes: int, item: T) -> None:
+    def enqueue(self, identity: JobIdentity, nbytes: int, item: T, *, op: bool = True) -> None:
         """Queue a request.
 
         Parameters
@@ -353,6 +354,10 @@ class FairScheduler(Generic[T]):
             Bytes the request moves; it is charged ``nbytes + policy.op_cost``.
         item
             Anything; :meth:`dequeue` returns it.
+        op
+            Whether this is an operation of its own (charged ``op_cost``, counted in ``ops``).
+            False for the later pieces of a request split into several, so that a split
+            request costs what it would whole.
 
         Raises
         ------
@@ -367,7 +372,7 @@ class FairScheduler(Generic[T]):
         fifo = leaf.fifo
         if not fifo:
             self._activate(leaf)
-        fifo.append((next(self._counter), identity, nbytes, item, self._clock()))
+        fifo.append((next(self._counter), identity, nbytes, 1 if op else 0, item, self._clock()))
         leaf.qbytes += nbytes
         self._len += 1
         self._qbytes += nbytes
@@ -392,7 +397,7 @@ class FairScheduler(Generic[T]):
                 return self._dequeue_tbf()
             # _FIFO: the root is the only queue.
             root = self._root
-            _, _, nbytes, item, enqueued = root.fifo.popleft()
+            _, _, nbytes, ops, item, enqueued = root.fifo.popleft()
             root.qbytes -= nbytes
             wait = self._clock() - enqueued
         else:
@@ -407,15 +412,15 @@ class FairScheduler(Generic[T]):
                 self._rebase(root)
                 start = 0.0
             root.vtime = start
-            _, _, nbytes, item, enqueued = leaf.fifo.popleft()
+            _, _, nbytes, ops, item, enqueued = leaf.fifo.popleft()
             leaf.qbytes -= nbytes
-            finish = start + (nbytes + self._op_cost) * leaf.inv_weight
+            finish = start + (nbytes + ops * self._op_cost) * leaf.inv_weight
             leaf.finish = finish
             if finish > root.max_finish:
                 root.max_finish = finish
             wait = now - enqueued
             leaf.served_bytes += nbytes
-            leaf.served_ops += 1
+            leaf.served_ops += ops
             leaf.wait += wait
             if leaf.fifo:
                 heapreplace(heap, (finish, leaf.order, leaf))
@@ -427,7 +432,7 @@ class FairScheduler(Generic[T]):
             if self._idle and self._idle[0][0] <= now:
                 self._reap(now)
         root.served_bytes += nbytes
-        root.served_ops += 1
+        root.served_ops += ops
         root.wait += wait
         self._len -= 1
         self._qbytes -= nbytes
@@ -534,6 +539,8 @@ class FairScheduler(Generic[T]):
         self._route = policy.router()
         self._depth = len(levels)
         self._op_cost = policy.op_cost
+        # Bytes of unused share a returning child may take back ahead of the others (0: none).
+        self._credit = float(getattr(policy, "burst_credit", 0))
         self._tbf = isinstance(policy, TokenBucketPolicy)
         if self._tbf:
             self._mode = _TBF
@@ -599,7 +606,11 @@ class FairScheduler(Generic[T]):
         while parent is not None:
             heap = parent.heap
             was_active = bool(heap)
-            finish, vtime = node.finish, parent.vtime
+            finish = node.finish
+            # SFQ starts a returning child at max(V, F). With a burst credit it may start up to
+            # credit / weight earlier, but never before its own finish tag: it takes back at most
+            # `credit` bytes of share it left unused while idle, then shares as usual.
+            vtime = parent.vtime - self._credit * node.inv_weight if self._credit else parent.vtime
             heappush(heap, (finish if finish > vtime else vtime, node.order, node))
             if was_active:
                 return
@@ -660,9 +671,9 @@ class FairScheduler(Generic[T]):
             node = child
             heap = child.heap
         leaf = node
-        _, _, nbytes, item, enqueued = leaf.fifo.popleft()
+        _, _, nbytes, ops, item, enqueued = leaf.fifo.popleft()
         leaf.qbytes -= nbytes
-        cost = nbytes + self._op_cost
+        cost = nbytes + ops * self._op_cost
         wait = now - enqueued
         leaf.wait += wait
         # Up: charge each node on the path cost / weight in its parent's virtual time (its start
@@ -676,7 +687,7 @@ class FairScheduler(Generic[T]):
             if finish > parent.max_finish:
                 parent.max_finish = finish
             child.served_bytes += nbytes
-            child.served_ops += 1
+            child.served_ops += ops
             if active:
                 heapreplace(parent.heap, (finish, child.order, child))
             else:
@@ -687,7 +698,7 @@ class FairScheduler(Generic[T]):
         if not active:
             root.vtime = root.max_finish  # SFQ's idle-server rule, as in _went_idle
         root.served_bytes += nbytes
-        root.served_ops += 1
+        root.served_ops += ops
         root.wait += wait
         self._len -= 1
         self._qbytes -= nbytes
@@ -703,17 +714,17 @@ class FairScheduler(Generic[T]):
         eligible, _, leaf = heap[0]
         if eligible > now:
             return None
-        _, _, nbytes, item, enqueued = leaf.fifo.popleft()
+        _, _, nbytes, ops, item, enqueued = leaf.fifo.popleft()
         leaf.qbytes -= nbytes
         # GCRA: the theoretical arrival time TAT = eligible + tau moves on by cost / rate from
         # max(TAT, now); the next request may go once now >= TAT - tau.
         tat = eligible + leaf.tau
         if tat < now:
             tat = now
-        leaf.finish = eligible = tat + (nbytes + self._op_cost) * leaf.inv_rate - leaf.tau
+        leaf.finish = eligible = tat + (nbytes + ops * self._op_cost) * leaf.inv_rate - leaf.tau
         wait = now - enqueued
         leaf.served_bytes += nbytes
-        leaf.served_ops += 1
+        leaf.served_ops += ops
         leaf.wait += wait
         if leaf.fifo:
             heapreplace(heap, (eligible, leaf.order, leaf))
@@ -721,7 +732,7 @@ class FairScheduler(Generic[T]):
             heappop(heap)
             self._went_idle(leaf, now)
         root.served_bytes += nbytes
-        root.served_ops += 1
+        root.served_ops += ops
         root.wait += wait
         self._len -= 1
         self._qbytes -= nbytes

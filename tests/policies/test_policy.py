@@ -184,6 +184,14 @@ def test_op_cost_accepts_sizes() -> None:
     assert load_policy('policy = "size-fair"\nop_cost = 0').op_cost == 0
 
 
+def test_burst_credit_parses_sizes_and_round_trips() -> None:
+    policy = load_policy('policy = "job-fair"\nburst_credit = "8MiB"')
+    assert policy.burst_credit == 8 * 1024 * 1024
+    assert load_policy(policy.to_dict()).burst_credit == policy.burst_credit
+    assert load_policy("job-fair").burst_credit == 0
+    assert "burst_credit" not in load_policy("job-fair").to_dict()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -193,6 +201,9 @@ def test_op_cost_accepts_sizes() -> None:
         ('policy = "sized-fair"', r"unknown policy 'sized-fair'; known policies: .*size-fair"),
         ('policy = "size-fair"\nop_cost = -1', "op_cost"),
         ('policy = "size-fair"\nop_cost = "4K"', "op_cost: ambiguous unit"),
+        ('policy = "job-fair"\nburst_credit = -1', "burst_credit"),
+        ('policy = "job-fair"\nburst_credit = true', "burst_credit"),
+        ('policy = "job-fair"\nburst_credit = "lots"', "burst_credit"),
         ('policy = "user-fair"\n[users]\nalice = -2', r"\[users\] 'alice': weight must be"),
         ('policy = "user-fair"\n[users]\nalice = 0', r"\[users\] 'alice'"),
         ('policy = "user-fair"\n[users]\nalice = "two"', r"\[users\] 'alice'"),

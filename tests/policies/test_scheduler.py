@@ -181,6 +181,57 @@ def test_idle_job_gets_no_credit_when_it_returns() -> None:
     assert abs(first.count("a") - first.count("b")) <= 2
 
 
+def _burst_after_idle(credit: str, idle_requests: int) -> int:
+    """Bytes job ``b`` is served in a row when it returns after ``a`` ran alone for a while.
+
+    Both jobs alternate first, so ``b``'s finish tag is current; then ``a`` runs alone for
+    ``idle_requests`` MiB requests (what ``b`` leaves unused), then both are backlogged again.
+    """
+    sched: FairScheduler[str] = FairScheduler(
+        f'policy = "job-fair"\nop_cost = 0\nburst_credit = "{credit}"'
+    )
+    a, b = ident("a"), ident("b")
+    for _ in range(50):
+        sched.enqueue(a, MiB, "a")
+        sched.enqueue(b, MiB, "b")
+        sched.dequeue()
+        sched.dequeue()
+    for _ in range(idle_requests):
+        sched.enqueue(a, MiB, "a")
+        assert sched.dequeue() == "a"
+    for _ in range(500):
+        sched.enqueue(a, MiB, "a")
+        sched.enqueue(b, MiB, "b")
+    run = 0
+    while sched.dequeue() == "b":
+        run += MiB
+    return run
+
+
+def test_burst_credit_serves_a_returning_job_first() -> None:
+    """A job back from a long idle spell takes up to ``burst_credit`` bytes ahead of the others."""
+    assert _burst_after_idle("0", 1000) <= MiB  # plain SFQ: no burst
+    assert 31 * MiB <= _burst_after_idle("32MiB", 1000) <= 33 * MiB
+
+
+def test_burst_credit_never_exceeds_the_share_left_unused() -> None:
+    """A short pause earns only what was left unused, however large the credit."""
+    # a ran alone for 6 MiB, moving V by 6 MiB past b's finish tag: that is all b left unused.
+    burst = _burst_after_idle("1GiB", 6)
+    assert 5 * MiB <= burst <= 8 * MiB
+
+
+def test_burst_credit_keeps_long_run_shares() -> None:
+    """With both jobs always backlogged the credit changes nothing."""
+    small, big = ident("small"), ident("big")
+    sched: FairScheduler[tuple[int, int]] = FairScheduler(
+        'policy = "job-fair"\nop_cost = 0\nburst_credit = "64MiB"'
+    )
+    streams = [Stream(small, [4 * KiB], depth=4), Stream(big, [4 * MiB], depth=4)]
+    served, _, _ = run_backlogged(sched, streams, 60_000)
+    assert_close(shares(served), {"small": 0.5, "big": 0.5})
+
+
 def test_new_job_starts_at_current_virtual_time() -> None:
     sched: FairScheduler[str] = FairScheduler(no_op_cost("job-fair"))
     old, new = ident("old"), ident("new")
