@@ -1508,7 +1508,8 @@ def matrix_report(matrix: dict[str, Any]) -> str:
         f"({matrix['wall_s']:.0f} s wall; {matrix['machine']['cpus']} CPUs, Python "
         f"{matrix['machine']['python']}). Raw numbers: `fairness_matrix.json`.",
         "",
-        "Each run: real server processes with an emulated device (`--device-bandwidth`, 2 slots), "
+        "Each run: real server processes with an emulated device (`--device-bandwidth`, 16 "
+        "slots, the device booked at grant time in 128 KiB pieces), "
         "real client processes declaring their job through `IOSVC_*`, 1 s warm-up excluded. "
         "Shares are measured by the clients (bytes per 10 ms) over the window in which every job "
         "is active; `server` shares from the servers' `stats` op agree (see the JSON). "
@@ -1676,7 +1677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--policy", default="size-fair", help="preset name, policy file or TOML text")
     p.add_argument("--device-bandwidth", default="400MB/s", help="per server; 'none' for no cap")
     p.add_argument("--servers", type=int, default=1)
-    p.add_argument("--slots", type=int, default=None, help="server I/O slots (default 2)")
+    p.add_argument("--slots", type=int, default=None, help="server I/O slots (default 16)")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--bucket", type=float, default=0.1, help="time-series bin (s)")

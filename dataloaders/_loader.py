@@ -24,17 +24,17 @@ def _identity(batch: Any) -> Any:
 def grpc_used_before_fork(url: str) -> bool:
     """True if workers forked now could not read ``url`` (so they must be started otherwise).
 
-    gRPC's core does not survive ``fork()`` once it has run. iosvc records whether this
-    process has made a gRPC channel (``iosvc.client._async._grpc_started``); this reads that
-    flag if iosvc is loaded, without importing it. Local and other fsspec URLs fork safely
-    (fsspec restarts its event loop in the child).
+    gRPC's core does not survive ``fork()`` once it has run; :func:`iosvc.client.fork_safe`
+    says whether this process has. It is asked only if iosvc's client is loaded already
+    (otherwise no channel can exist), so plain-file users never import it. Local and other
+    fsspec URLs fork safely (fsspec restarts its event loop in the child).
     """
     if is_local(url) or protocol_of(url) != "iosvc":
         return False
-    module = sys.modules.get("iosvc.client._async")
+    module = sys.modules.get("iosvc.client")
     if module is None:
         return False  # iosvc not imported yet: no channel can exist
-    return bool(getattr(module, "_grpc_started", True))
+    return not module.fork_safe()
 
 
 class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]

@@ -270,6 +270,27 @@ print(client.read("{prefix}/forked"))
     assert out.stdout.split() == ["b'made", "before", "fork'"] * 2, out.stderr
 
 
+def test_fork_safe_says_when_workers_must_not_fork(spec: ClusterSpec, prefix: str) -> None:
+    """``fork_safe`` (what the DataLoader asks) turns False with the first gRPC channel."""
+    import subprocess
+    import sys
+
+    code = f"""
+import iosvc.client
+from dataloaders._loader import grpc_used_before_fork
+from iosvc.config import ClusterSpec
+url = "iosvc:///{prefix}/x"
+print(iosvc.client.fork_safe(), grpc_used_before_fork(url))
+client = iosvc.client.Client(ClusterSpec.from_dict({spec.to_dict()!r}))
+print(iosvc.client.fork_safe(), grpc_used_before_fork(url))
+client.write("{prefix}/x", b"x")
+print(iosvc.client.fork_safe(), grpc_used_before_fork(url), grpc_used_before_fork("/tmp/x"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert lines == ["True False", "True False", "False True False"], out.stderr
+
+
 def test_fork_after_grpc_use_fails_clearly_instead_of_hanging(client: Client, prefix: str) -> None:
     from iosvc.errors import ForkedAfterGrpc
 

@@ -60,6 +60,17 @@ _forked_after_grpc = False  # ...and this process is a fork of one that had
 _inherited: list[Any] = []  # channels inherited across fork, never to be destroyed
 
 
+def fork_safe() -> bool:
+    """Whether a child forked now could use iosvc clients.
+
+    gRPC's core does not survive ``fork()`` once it has started: False after this process (or
+    the one it was forked from) has made a gRPC channel. Start worker processes with
+    ``forkserver`` or ``spawn`` then; clients made before the fork keep working in the child
+    only while this is True.
+    """
+    return not (_grpc_started or _forked_after_grpc)
+
+
 def _reset_after_fork() -> None:
     global _forked_after_grpc
     # gRPC's core does not survive fork once its threads run: any call in the child hangs.
