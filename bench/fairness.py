@@ -43,7 +43,8 @@ both (``achieved_share`` = cost share, ``achieved_byte_share``). ``max_share_err
 
 ``tbf`` is the static-cap baseline (Lustre NRS TBF rules; ThemisIO's ``TBF_on_themis``): given as
 the bare name, every job is capped at device / number of jobs, per server, in bytes/s
-(``op_cost = 0``); a policy file or TOML text sets other rules.
+(``op_cost = 0``), with a bucket depth of 3 MiB (Lustre's default depth of 3 RPCs at 1 MiB); a
+policy file or TOML text sets other rules.
 
 The machine has 2 cores shared by servers and clients. Device bandwidths of 200-400 MB/s keep the
 emulated device the bottleneck; every run records the CPU used by the servers, the clients and the
@@ -604,7 +605,10 @@ def policy_spec(name: str, sc: Scenario, jobs: Sequence[JobSpec]) -> dict[str, A
         if not sc.device_bandwidth:
             raise SystemExit("--policy tbf needs --device-bandwidth (caps are device / jobs)")
         rate = sc.device_bandwidth / max(1, len(jobs))
-        return {"policy": "tbf", "op_cost": 0, "tbf": {"key": "job", "default_rate": rate}}
+        # Bucket depth: Lustre's default of 3 RPCs (NRS_TBF_DEFAULT_DEPTH) at 1 MiB RPCs. With
+        # no depth, every late timer tick is lost for good and tbf looks worse than it is.
+        tbf = {"key": "job", "default_rate": rate, "burst": 3 * MiB}
+        return {"policy": "tbf", "op_cost": 0, "tbf": tbf}
     result: dict[str, Any] = load_policy(name).to_dict()
     return result
 
