@@ -23,6 +23,7 @@ from rich.table import Table
 from iosvc.cli._admin import policy_app, token_app, top
 from iosvc.cli._common import ClusterOpt, console, err_console, make_client
 from iosvc.cli._shards import shards_app
+from iosvc.cli._staging import datasets_app, stage_app
 from iosvc.config import ClusterSpec, find_cluster_file
 from iosvc.errors import IosvcError
 from iosvc.policies import format_size, load_policy, parse_rate, parse_size
@@ -37,6 +38,8 @@ app = typer.Typer(
 app.add_typer(policy_app, name="policy")
 app.add_typer(token_app, name="token")
 app.add_typer(shards_app, name="shards")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(stage_app, name="stage")
 app.command()(top)
 # Progress bars only for transfers above this size.
 _PROGRESS_MIN = 32 * 1024 * 1024
