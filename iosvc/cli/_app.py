@@ -23,7 +23,7 @@ from rich.table import Table
 from iosvc.cli._admin import policy_app, token_app, top
 from iosvc.cli._common import ClusterOpt, console, err_console, make_client
 from iosvc.cli._shards import shards_app
-from iosvc.cli._staging import datasets_app, stage_app
+from iosvc.cli._staging import datasets_app, login, logout, stage_app
 from iosvc.config import ClusterSpec, find_cluster_file
 from iosvc.errors import IosvcError
 from iosvc.policies import format_size, load_policy, parse_rate, parse_size
@@ -40,6 +40,8 @@ app.add_typer(token_app, name="token")
 app.add_typer(shards_app, name="shards")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(stage_app, name="stage")
+app.command()(login)
+app.command()(logout)
 app.command()(top)
 # Progress bars only for transfers above this size.
 _PROGRESS_MIN = 32 * 1024 * 1024
@@ -188,9 +190,7 @@ def serve(
     memory: Annotated[str | None, typer.Option(help="Keep data in DRAM, up to SIZE.")] = None,
     directory: Annotated[Path | None, typer.Option("--dir", help="Keep data under DIR.")] = None,
     capacity: Annotated[str | None, typer.Option(help="Capacity with --dir.")] = None,
-    slots: Annotated[
-        int | None, typer.Option(help="Concurrent I/O slots [default: 16].")
-    ] = None,
+    slots: Annotated[int | None, typer.Option(help="Concurrent I/O slots [default: 16].")] = None,
     policy: Annotated[
         str, typer.Option(help="Sharing policy: a preset name or a policy TOML file.")
     ] = "fifo",
