@@ -42,7 +42,7 @@ def main() -> None:
         try:
             run_steps(work)
         finally:
-            console.rule("7. stop the cluster")
+            console.rule("8. stop the cluster")
             sh("down")
 
 
@@ -121,6 +121,35 @@ def run_steps(work: Path) -> None:
     console.rule("6. dataloaders: shards on iosvc -> 2-rank DDP training")
     demo_dataloaders()
     sh("ls", "demo")
+
+    console.rule("7. staging: register at one site, replicate to another, stage into the buffer")
+    demo_staging(work, field)
+
+
+def demo_staging(work: Path, field: object) -> None:
+    """Two directories stand in for two clusters' parallel file systems."""
+    import numpy as np
+
+    for site in ("hpc-a", "hpc-b"):
+        (work / "sites" / site).mkdir(parents=True)
+    dataset = work / "sites/hpc-a/era5-demo"
+    dataset.mkdir()
+    values = np.asarray(field)
+    for month in range(12):
+        part = values[month * 65536 : (month + 1) * 65536]
+        (dataset / f"t2m-{month + 1:02d}.f32").write_bytes(part.tobytes())
+    (dataset / "README").write_text("12 monthly 2 m temperature slices (demo)\n")
+    sites = work / "sites.toml"
+    sites.write_text(
+        f'[sites.hpc-a]\nurl = "{work}/sites/hpc-a"\n\n'
+        f'[sites.hpc-b]\nurl = "{work}/sites/hpc-b"\nbuffer = "iosvc:///datasets"\n'
+    )
+    os.environ["IOSVC_SITES"] = str(sites)
+    os.environ["IOSVC_CATALOG"] = str(work / "catalog.db")
+    sh("datasets", "register", "era5-demo", "--name", "era5", "--site", "hpc-a")
+    sh("stage", "era5", "--to", "hpc-b", "--into-buffer")
+    sh("datasets", "show", "era5")
+    sh("ls", "datasets/era5")
 
 
 def _digits() -> tuple[object, object, str]:

@@ -62,13 +62,15 @@ stage_app = typer.Typer(
 
 
 @contextlib.contextmanager
-def _stager(sites: Path | None, catalog: Path | None, cluster: Path | None) -> Iterator[Any]:
+def _stager(
+    sites: Path | None, catalog: Path | None, cluster: Path | None, verify: str = "full"
+) -> Iterator[Any]:
     from iosvc.staging import Catalog, Stager, load_sites
 
     if cluster is not None:
         os.environ["IOSVC_CLUSTER"] = str(cluster)  # what iosvc:// URLs (fsspec) read
     with Catalog(catalog) as cat:
-        yield Stager(cat, load_sites(sites))
+        yield Stager(cat, load_sites(sites), verify=verify)
 
 
 def _progress() -> Progress:
@@ -220,6 +222,13 @@ def run(
         ),
     ] = True,
     version: Annotated[int | None, typer.Option(help="Dataset version (default: latest).")] = None,
+    verify: Annotated[
+        str,
+        typer.Option(
+            help="full: read every file back after the copy; transfer: trust the copy's own "
+            "checks (each byte hashed against the manifest as copied).",
+        ),
+    ] = "full",
     sites: SitesOpt = None,
     catalog: CatalogOpt = None,
     cluster_file: ClusterOpt = None,
@@ -227,7 +236,7 @@ def run(
     """Copy DATASET to site TO (Globus between Globus sites, else fsspec) and verify it."""
     del wait  # every transfer here is followed to its end; see the help text
     started = time.monotonic()
-    with _stager(sites, catalog, cluster_file) as stager, _progress() as bar:
+    with _stager(sites, catalog, cluster_file, verify) as stager, _progress() as bar:
         tasks: dict[str, Any] = {}
 
         def progress(phase: str, done: int, total: int) -> None:

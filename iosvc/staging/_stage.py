@@ -94,6 +94,12 @@ class Stager:
         over ``make_transfer_client()``, imported only then).
     threads
         Parallelism of the fsspec backend and of verification.
+    verify
+        ``"full"`` (default): after the transfer, read every file back at the destination and
+        compare it with the manifest. ``"transfer"``: for fsspec transfers, trust the copy's
+        own checks instead (every byte it wrote was hashed against the manifest as it was read,
+        and files it skipped were read back and matched); Globus transfers are always read
+        back when the destination is reachable.
     """
 
     def __init__(
@@ -103,10 +109,14 @@ class Stager:
         *,
         globus_backend: Callable[[Site, Site], TransferBackend] | None = None,
         threads: int = 8,
+        verify: str = "full",
     ) -> None:
+        if verify not in ("full", "transfer"):
+            raise InvalidArgument(f"verify must be 'full' or 'transfer', not {verify!r}")
         self.catalog = catalog
         self.sites = sites
         self.threads = threads
+        self.verify_mode = verify
         self._globus_factory = globus_backend
 
     # -- registration -----------------------------------------------------------------------
@@ -258,7 +268,16 @@ class Stager:
             bytes_done=status.bytes_done,
             files_done=status.files_done,
         )
-        detail = self._verify(dataset, replica_site, dst_path, dst_url, backend, on_progress)
+        if self.verify_mode == "transfer" and backend.name == "fsspec":
+            detail = (
+                f"verified in transfer ({status.files_done - status.files_skipped} files hashed "
+                f"as copied, {status.files_skipped} read back)"
+            )
+            self.catalog.set_replica(
+                dataset.name, dataset.version, replica_site, dst_path, "verified", detail
+            )
+        else:
+            detail = self._verify(dataset, replica_site, dst_path, dst_url, backend, on_progress)
         return StageResult(
             dataset.name,
             dataset.version,

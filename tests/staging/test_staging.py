@@ -274,3 +274,20 @@ def test_cancel_of_a_task_whose_process_died(world: World) -> None:
     task = Stager(world.catalog, load_sites(world.sites_file)).cancel(number)
     assert task.state == "canceled"
     assert world.catalog.replica("ds", 1, "beta").state == "failed"  # type: ignore[union-attr]
+
+
+def test_verify_transfer_mode_trusts_the_copy_but_still_reads_back_skipped_files(
+    world: World,
+) -> None:
+    content = make_dataset(world.site_dir("alpha") / "ds", files=10, large=1)
+    world.stager.register("ds", name="ds", site="alpha")
+    fast = Stager(world.catalog, load_sites(world.sites_file), verify="transfer")
+    [result] = fast.stage("ds", to="beta")
+    assert result.state == "verified" and "hashed as copied" in result.detail
+    assert tree(world.site_dir("beta") / "ds") == content
+    (world.site_dir("beta") / "ds/part-0/f001.bin").write_bytes(b"rotten")
+    [again] = fast.stage("ds", to="beta")
+    assert (again.files_copied, again.files_skipped) == (1, len(content) - 1)
+    assert tree(world.site_dir("beta") / "ds") == content
+    with pytest.raises(InvalidArgument, match="verify must be"):
+        Stager(world.catalog, load_sites(world.sites_file), verify="sometimes")
