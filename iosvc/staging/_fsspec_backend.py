@@ -32,6 +32,7 @@ from iosvc.staging._manifest import (
     checksum,
     list_files,
     open_url,
+    read_many,
     verify,
 )
 
@@ -154,7 +155,7 @@ def copy_files(
             progress(0, 1)
             return
         paths = [posixpath.join(src_root, e.path) for e in group]
-        data = src.cat(paths, on_error="return")
+        data = read_many(src, paths)
         out = {}
         failed = {}
         for entry, path in zip(group, paths, strict=True):

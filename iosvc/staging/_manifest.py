@@ -28,6 +28,7 @@ __all__ = [
     "checksum",
     "list_files",
     "open_url",
+    "read_many",
     "verify",
 ]
 
@@ -85,6 +86,26 @@ def batches(files: Sequence[FileEntry]) -> Iterable[list[FileEntry]]:
         yield group
 
 
+def read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | Exception]:
+    """Whole files by path, errors in place of the ones that cannot be read.
+
+    Local files are read with plain ``open``: fsspec's per-file opener costs more than the read
+    itself for 4-64 KiB files. Other filesystems get one batched ``cat`` (one call per home
+    server on ``iosvc://``).
+    """
+    if getattr(fs, "local_file", False):
+        out: dict[str, bytes | Exception] = {}
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    out[path] = f.read()
+            except OSError as exc:
+                out[path] = exc
+        return out
+    result: dict[str, bytes | Exception] = fs.cat(paths, on_error="return")
+    return result
+
+
 def _hash_batch(
     fs: fsspec.AbstractFileSystem, root: str, group: list[FileEntry]
 ) -> dict[str, str | Exception]:
@@ -99,10 +120,10 @@ def _hash_batch(
             return {group[0].path: f"{ALGORITHM}:{digest.hexdigest()}"}
         except Exception as exc:
             return {group[0].path: exc}
-    data = fs.cat(paths, on_error="return")
+    data = read_many(fs, paths)
     out: dict[str, str | Exception] = {}
     for entry, path in zip(group, paths, strict=True):
-        got = data.get(path)
+        got = data.get(path, FileNotFoundError(path))
         out[entry.path] = got if isinstance(got, Exception) else checksum(got)
     return out
 
