@@ -39,8 +39,12 @@ __all__ = [
     "METHOD_READ",
     "METHOD_WRITE",
     "SERVICE",
+    "aio_channel",
+    "channel_credentials",
     "error_from_rpc",
     "pack",
+    "server_credentials",
+    "sync_channel",
     "unpack",
 ]
 
@@ -108,6 +112,45 @@ def unpack(frame: bytes) -> tuple[dict[str, Any], memoryview]:
     return header, view[4 + hlen :]
 
 
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read TLS {what} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN" not in data:
+        raise InvalidArgument(f"TLS {what} {path} is not a PEM file")
+    return data
+
+
+def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
+    """TLS credentials of a server from PEM files (certificate chain and private key)."""
+    return grpc.ssl_server_credentials(
+        [(_read_pem(key_file, "key"), _read_pem(cert_file, "certificate"))]
+    )
+
+
+def channel_credentials(ca_file: str) -> grpc.ChannelCredentials:
+    """Client TLS credentials trusting the CA (or self-signed certificate) in ``ca_file``."""
+    return grpc.ssl_channel_credentials(root_certificates=_read_pem(ca_file, "CA"))
+
+
+def aio_channel(address: str, tls_ca: str | None) -> grpc.aio.Channel:
+    """An asyncio channel to ``address``: TLS when a CA file is given, else plaintext."""
+    if tls_ca:
+        return grpc.aio.secure_channel(
+            address, channel_credentials(tls_ca), options=CHANNEL_OPTIONS
+        )
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def sync_channel(address: str, tls_ca: str | None) -> grpc.Channel:
+    """A blocking channel to ``address`` (admin calls), TLS when a CA file is given."""
+    if tls_ca:
+        return grpc.secure_channel(address, channel_credentials(tls_ca), options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
 def error_from_rpc(err: grpc.RpcError, where: str = "") -> IosvcError:
     """Turn a ``grpc.RpcError`` (sync or aio) into the matching :class:`IosvcError`."""
     code = err.code() if hasattr(err, "code") else None
@@ -123,4 +166,12 @@ def error_from_rpc(err: grpc.RpcError, where: str = "") -> IosvcError:
     prefix = f"{where}: " if where else ""
     if code is not None and code.name == "UNAVAILABLE" and not name:
         details = f"server unavailable ({details})" if details else "server unavailable"
+        lowered = details.lower()
+        if "ssl" in lowered or "handshake" in lowered or "tls" in lowered:
+            details += (
+                "; TLS failed: give the servers' CA with --tls-ca or IOSVC_TLS_CA (or the "
+                "cluster file's tls_ca), and check it signed their certificate"
+            )
+        elif "socket closed" in lowered or "connection reset" in lowered:
+            details += "; if the servers use TLS, give their CA with --tls-ca or IOSVC_TLS_CA"
     return cls(prefix + details)

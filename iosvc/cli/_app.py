@@ -92,9 +92,21 @@ def up(
         bool,
         typer.Option(help="Require signed job tokens (makes a cluster key and an admin token)."),
     ] = False,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve TLS with this certificate (PEM; with --tls-key).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Private key of --tls-cert (PEM).")] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(help="CA that signed the servers' certificates [default: --tls-cert]."),
+    ] = None,
     cluster_file: ClusterOpt = None,
 ) -> None:
-    """Start a local cluster of SERVERS processes on loopback and write its cluster file."""
+    """Start a local cluster of SERVERS processes on loopback and write its cluster file.
+
+    With --tls-cert/--tls-key the servers speak TLS; the cluster file records the CA
+    (--tls-ca, default the certificate itself) so clients of this machine trust it.
+    """
     from iosvc.server import LocalCluster
 
     if memory is not None and directory is not None:
@@ -123,6 +135,9 @@ def up(
         cluster_file=where,
         workdir=workdir,
         secure=secure,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
     )
     spec = cluster.start()
     console.print(f"started {servers} iosvc servers ({spec.storage}); cluster file {where}")
@@ -215,6 +230,14 @@ def serve(
     ready_file: Annotated[
         str | None, typer.Option(help="Write 'host:port' here once listening.")
     ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Serve TLS with this certificate (PEM; with --tls-key).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Private key of --tls-cert (PEM).")] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(help="CA that signed the servers' certificates [default: --tls-cert]."),
+    ] = None,
 ) -> None:
     """Run one iosvc server in the foreground (SIGTERM stops it gracefully)."""
     from iosvc.server import ServerOptions, run
@@ -238,6 +261,9 @@ def serve(
             drop_grace=drop_grace,
             key_file=str(key_file) if key_file else None,
             ready_file=ready_file,
+            tls_cert=str(tls_cert) if tls_cert else None,
+            tls_key=str(tls_key) if tls_key else None,
+            tls_ca=str(tls_ca) if tls_ca else None,
         )
     )
 

@@ -127,6 +127,9 @@ class AsyncClient:
     token
         Job token for secure clusters (default: ``$IOSVC_TOKEN`` or the file
         ``$IOSVC_TOKEN_FILE``); the identity is then the token's.
+    tls_ca
+        PEM file of the CA (or self-signed certificate) of servers that use TLS (default:
+        ``$IOSVC_TLS_CA``, then the cluster file's ``tls_ca``; none: plaintext).
     """
 
     def __init__(
@@ -138,8 +141,13 @@ class AsyncClient:
         retries: int = 6,
         timeout: float = 120.0,
         token: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         self.spec = cluster if isinstance(cluster, ClusterSpec) else ClusterSpec.load(cluster)
+        # TLS: the argument, $IOSVC_TLS_CA, then the cluster file's tls_ca (None: plaintext).
+        self.tls_ca: str | None = (
+            tls_ca or os.environ.get("IOSVC_TLS_CA") or self.spec.extra.get("tls_ca") or None
+        )
         self.token = token if token is not None else token_from_env()
         if self.token is not None:
             self.identity = read_claims(self.token).identity  # what the servers will see
@@ -184,9 +192,7 @@ class AsyncClient:
             self._loop = loop
         channel = self._channels.get(server)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                self.spec.servers[server], options=wire.CHANNEL_OPTIONS
-            )
+            channel = wire.aio_channel(self.spec.servers[server], self.tls_ca)
             self._channels[server] = channel
         return channel
 

@@ -44,6 +44,11 @@ class LocalCluster:
         Where logs and ready files go (default: a temporary directory).
     env
         Extra environment variables for the servers.
+    tls_cert, tls_key
+        Serve TLS with this certificate and key (PEM); clients trust ``tls_ca``.
+    tls_ca
+        CA file clients and peers trust (default: ``tls_cert``, a self-signed certificate);
+        recorded in the cluster file as ``tls_ca``.
     """
 
     def __init__(
@@ -59,9 +64,14 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         startup_timeout: float = 30.0,
         secure: bool = False,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
     ) -> None:
         if servers < 1:
             raise ValueError("a cluster needs at least one server")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
         self.n_servers = servers
         self.memory = memory
         self.directory = Path(directory) if directory is not None else None
@@ -76,6 +86,10 @@ class LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = env or {}
         self.secure = secure
+        self.tls_cert = str(Path(tls_cert).resolve()) if tls_cert is not None else None
+        self.tls_key = str(Path(tls_key).resolve()) if tls_key is not None else None
+        ca = tls_ca if tls_ca is not None else tls_cert
+        self.tls_ca = str(Path(ca).resolve()) if ca is not None else None
         self.key_file = self.workdir / "cluster.key"
         self.admin_token_file = self.workdir / "admin.token"
         self._admin_token: str | None = None
@@ -109,6 +123,8 @@ class LocalCluster:
             cmd += ["--index", str(index), "--peers", ",".join(peers)]
         if self.secure:
             cmd += ["--key-file", str(self.key_file)]
+        if self.tls_cert and self.tls_key and self.tls_ca:
+            cmd += ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key, "--tls-ca", self.tls_ca]
         return cmd + self.server_args
 
     def _ready_file(self, index: int) -> Path:
@@ -149,7 +165,7 @@ class LocalCluster:
             self.addresses = [self._wait_ready(i) for i in range(self.n_servers)]
             for i, address in enumerate(self.addresses):
                 header = {"op": "configure", "index": i, "peers": self.addresses}
-                _call(address, header, self._admin_token)
+                _call(address, header, self._admin_token, self.tls_ca)
         except BaseException:
             self.stop()
             raise
@@ -164,6 +180,7 @@ class LocalCluster:
             storage=storage,
             secure=self.secure,
             extra={"workdir": str(self.workdir)}
+            | ({"tls_ca": self.tls_ca} if self.tls_ca else {})
             | (
                 {"key_file": str(self.key_file), "admin_token_file": str(self.admin_token_file)}
                 if self.secure
@@ -266,11 +283,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _call(address: str, header: dict[str, object], token: str | None) -> dict[str, object]:
+def _call(
+    address: str, header: dict[str, object], token: str | None, tls_ca: str | None = None
+) -> dict[str, object]:
     header = {**header, "id": ["iosvc-admin", "root", "root", 1]}
     if token is not None:
         header = {**header, "id": None, "tok": token}
-    with grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS) as channel:
+    with wire.sync_channel(address, tls_ca) as channel:
         try:
             reply = channel.unary_unary(wire.METHOD_CALL)(wire.pack(header), timeout=10)
         except grpc.RpcError as exc:

@@ -47,10 +47,16 @@ class ServerOptions:
     drop_grace: float = 5.0
     key_file: str | None = None
     ready_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: CA to trust when calling peers (default: tls_cert itself, for a self-signed cluster cert)
+    tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         if self.memory is not None and self.directory is not None:
             raise ValueError("choose --memory or --dir, not both")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
 
 
 def make_store(options: ServerOptions) -> ChunkStore:
@@ -75,6 +81,7 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
         gc_ttl=options.gc_ttl,
         drop_grace=options.drop_grace,
         auth=Authorizer(load_key_file(options.key_file) if options.key_file else None),
+        tls_ca=(options.tls_ca or options.tls_cert) if options.tls_cert else None,
     )
     await service.load()
     metrics.watch(service)
@@ -82,7 +89,11 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
         service.metrics_port = metrics.serve(options.host, options.metrics_port)
     server = grpc.aio.server(options=wire.CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((service.handler(),))
-    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    if options.tls_cert and options.tls_key:
+        credentials = wire.server_credentials(options.tls_cert, options.tls_key)
+        port = server.add_secure_port(f"{options.host}:{options.port}", credentials)
+    else:
+        port = server.add_insecure_port(f"{options.host}:{options.port}")
     if port == 0:
         raise OSError(f"could not bind {options.host}:{options.port}")
     await server.start()

@@ -85,6 +85,8 @@ class IoService:
     drop_grace
         Seconds a replaced or removed version's chunks stay readable for readers that
         opened it before the change.
+    tls_ca
+        CA file to trust when calling peer servers over TLS (None: plaintext).
     """
 
     def __init__(
@@ -97,9 +99,11 @@ class IoService:
         gc_ttl: float = 600.0,
         drop_grace: float = 5.0,
         auth: Authorizer | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         self.store = store
         self.auth = auth or Authorizer()
+        self.tls_ca = tls_ca
         self.gate = gate or IoGate()
         self.namespace = Namespace(store)
         self.index: int | None = None
@@ -605,7 +609,7 @@ class IoService:
         """Best effort server-to-server call; a down peer is caught up by its own GC."""
         channel = self._peer_channels.get(peer)
         if channel is None:
-            channel = grpc.aio.insecure_channel(self.peers[peer], options=wire.CHANNEL_OPTIONS)
+            channel = wire.aio_channel(self.peers[peer], self.tls_ca)
             self._peer_channels[peer] = channel
         header = {**header, "id": ["iosvc-server", "root", "root", 1]}
         token = self.auth.server_token()
