@@ -180,3 +180,11 @@ def test_cli_up_secure_and_token_issue(tmp_path: Path) -> None:
         assert "secure mode" in status.stdout
     finally:
         iosvc("down")
+
+
+def test_quota_set_needs_an_admin_token(secure: LocalCluster) -> None:
+    with pytest.raises(PermissionDenied, match="admin"):
+        client_for(secure, ALICE).call_all({"op": "quota_set", "user": "alice", "bytes": 10})
+    replies = admin(secure).call_all({"op": "quota_set", "user": "alice", "bytes": 1 << 30})
+    assert all(r["quotas"]["alice"] == 1 << 30 for r in replies)
+    admin(secure).call_all({"op": "quota_set", "user": "alice", "bytes": None})

@@ -1,4 +1,4 @@
-"""Admin commands: ``iosvc policy set|show|list`` and ``iosvc top``."""
+"""Admin commands: ``iosvc policy set|show|list``, ``iosvc quota set|show`` and ``iosvc top``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,53 @@ from iosvc.policies import (
 policy_app = typer.Typer(
     help="Show or change the sharing policy of every server (admin).", no_args_is_help=True
 )
+
+
+quota_app = typer.Typer(
+    help="Per-user storage quotas, cluster-wide (set: admin).", no_args_is_help=True
+)
+
+
+@quota_app.command("set")
+def quota_set(
+    user: Annotated[str, typer.Argument(help="User name.")],
+    size: Annotated[str, typer.Argument(help="Quota, e.g. 500GiB, or 'none' to remove it.")],
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Set USER's quota on every server (bytes of files the user owns, summed over servers)."""
+    from iosvc.policies import parse_size
+
+    nbytes = None if size.lower() == "none" else parse_size(size)
+    client = make_client(cluster_file)
+    client.call_all({"op": "quota_set", "user": user, "bytes": nbytes})
+    shown = "removed" if nbytes is None else format_size(nbytes)
+    console.print(f"quota of {user}: {shown} (on {len(client.spec.servers)} servers)")
+
+
+@quota_app.command("show")
+def quota_show(
+    user: Annotated[str | None, typer.Argument(help="Only this user.")] = None,
+    cluster_file: ClusterOpt = None,
+) -> None:
+    """Quotas and usage per user (usage summed over the servers files are homed on)."""
+    client = make_client(cluster_file)
+    replies = client.call_all({"op": "quota_show"})
+    quotas: dict[str, int] = replies[0]["quotas"]
+    usage: dict[str, int] = {}
+    for reply in replies:
+        for name, nbytes in reply["usage"].items():
+            usage[name] = usage.get(name, 0) + nbytes
+    table = Table("user", "used", "quota", "use %")
+    for name in sorted(set(quotas) | set(usage)):
+        if user is not None and name != user:
+            continue
+        quota = quotas.get(name)
+        used = usage.get(name, 0)
+        pct = f"{100 * used / quota:.1f}" if quota else "-"
+        table.add_row(
+            name, format_size(used), format_size(quota) if quota is not None else "-", pct
+        )
+    console.print(table)
 
 
 @policy_app.command("list")

@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from iosvc.cli._admin import policy_app, token_app, top
+from iosvc.cli._admin import policy_app, quota_app, token_app, top
 from iosvc.cli._common import ClusterOpt, console, err_console, make_client
 from iosvc.cli._shards import shards_app
 from iosvc.cli._staging import datasets_app, login, logout, stage_app
@@ -37,6 +37,7 @@ app = typer.Typer(
 )
 app.add_typer(policy_app, name="policy")
 app.add_typer(token_app, name="token")
+app.add_typer(quota_app, name="quota")
 app.add_typer(shards_app, name="shards")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(stage_app, name="stage")
@@ -230,6 +231,15 @@ def serve(
     ready_file: Annotated[
         str | None, typer.Option(help="Write 'host:port' here once listening.")
     ] = None,
+    inflight_limit: Annotated[
+        str,
+        typer.Option(
+            help="Bytes of write requests held at once; more writers wait (back-pressure)."
+        ),
+    ] = "256MiB",
+    stream_idle_timeout: Annotated[
+        float, typer.Option(help="Seconds a write stream may stay silent before it is cut.")
+    ] = 60.0,
     tls_cert: Annotated[
         Path | None, typer.Option(help="Serve TLS with this certificate (PEM; with --tls-key).")
     ] = None,
@@ -264,6 +274,8 @@ def serve(
             tls_cert=str(tls_cert) if tls_cert else None,
             tls_key=str(tls_key) if tls_key else None,
             tls_ca=str(tls_ca) if tls_ca else None,
+            inflight_limit=parse_size(inflight_limit),
+            stream_idle_timeout=stream_idle_timeout,
         )
     )
 

@@ -18,7 +18,7 @@ from iosvc.identity import load_key_file
 from iosvc.server._auth import Authorizer
 from iosvc.server._gate import DeviceModel, IoGate
 from iosvc.server._metrics import ServerMetrics
-from iosvc.server._service import IoService
+from iosvc.server._service import DEFAULT_INFLIGHT_LIMIT, IoService
 from iosvc.server._stores import ChunkStore, LocalDirStore, MemoryStore
 
 __all__ = ["ServerOptions", "make_store", "serve", "start_server", "tune_malloc"]
@@ -51,6 +51,8 @@ class ServerOptions:
     tls_key: str | None = None
     #: CA to trust when calling peers (default: tls_cert itself, for a self-signed cluster cert)
     tls_ca: str | None = None
+    inflight_limit: int | None = DEFAULT_INFLIGHT_LIMIT
+    stream_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.memory is not None and self.directory is not None:
@@ -82,6 +84,8 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
         drop_grace=options.drop_grace,
         auth=Authorizer(load_key_file(options.key_file) if options.key_file else None),
         tls_ca=(options.tls_ca or options.tls_cert) if options.tls_cert else None,
+        inflight_limit=options.inflight_limit,
+        stream_idle_timeout=options.stream_idle_timeout,
     )
     await service.load()
     metrics.watch(service)

@@ -17,6 +17,14 @@ from iosvc.server._stores import ChunkStore
 __all__ = ["Namespace"]
 
 
+def owner_user(rec: FileRecord) -> str | None:
+    """The user who owns a file (its writer's identity), if recorded."""
+    owner = rec.owner
+    if isinstance(owner, list) and len(owner) >= 2 and isinstance(owner[1], str):
+        return owner[1]
+    return None
+
+
 def _meta_key(path: str) -> str:
     return "m/" + xxhash.xxh3_128_hexdigest(path.encode("utf-8", "surrogatepass"))
 
@@ -29,6 +37,8 @@ class Namespace:
         self._records: dict[str, FileRecord] = {}
         self._paths: SortedList = SortedList()
         self._by_uid: dict[str, str] = {}
+        #: bytes of committed files homed here, by owning user (what quotas count)
+        self.usage: dict[str, int] = {}
 
     async def load(self) -> int:
         """Read persisted records back (after a restart); returns how many."""
@@ -47,8 +57,20 @@ class Namespace:
         """Whether a committed record still points at version ``uid``."""
         return uid in self._by_uid
 
+    def _account(self, rec: FileRecord, sign: int) -> None:
+        user = owner_user(rec)
+        if user is not None:
+            left = self.usage.get(user, 0) + sign * rec.size
+            if left:
+                self.usage[user] = left
+            else:
+                self.usage.pop(user, None)
+
     def _install(self, rec: FileRecord) -> FileRecord | None:
         old = self._records.get(rec.path)
+        self._account(rec, +1)
+        if old is not None:
+            self._account(old, -1)
         if old is None:
             self._paths.add(rec.path)
         elif old.uid:
@@ -73,6 +95,7 @@ class Namespace:
         rec = self._records.pop(path, None)
         if rec is None:
             return None
+        self._account(rec, -1)
         self._paths.remove(path)
         if rec.uid:
             self._by_uid.pop(rec.uid, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -16,24 +17,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+import msgpack
 import xxhash
 
 from iosvc import wire
 from iosvc.errors import (
     AlreadyExists,
     DataCorruption,
+    DeadlineExceeded,
     InternalError,
     InvalidArgument,
     IosvcError,
     IsADirectory,
     NotFound,
+    QuotaExceeded,
     Unavailable,
 )
 from iosvc.identity import JobIdentity
 from iosvc.placement import Placement, validate_path
 from iosvc.server._auth import Authorizer, Caller
+from iosvc.server._budget import ByteBudget
 from iosvc.server._gate import IoGate
-from iosvc.server._namespace import Namespace
+from iosvc.server._namespace import Namespace, owner_user
 from iosvc.server._records import KIND_DIR, KIND_FILE, FileRecord, chunk_key, parse_chunk_key
 from iosvc.server._stores import ByteRange, ChunkStore
 
@@ -45,9 +50,15 @@ _CK = 8  # bytes of the xxh3-64 trailer stored after each chunk
 _MAX_BATCH = 4096
 #: Chunks of one read stream queued at the gate at once.
 READ_AHEAD = 4
+#: Default bytes of write requests a server holds at once (``--inflight-limit``).
+DEFAULT_INFLIGHT_LIMIT = 256 * 1024 * 1024
 
 #: Operations that change how the server treats everyone (admin only once tokens are signed).
-ADMIN_OPS = frozenset({"configure", "policy_set"})
+ADMIN_OPS = frozenset({"configure", "policy_set", "quota_set"})
+#: Where a server keeps the per-user quotas an admin set (persistent stores keep them).
+QUOTA_KEY = "q/quotas"
+#: How stale the peers' usage may be when a commit is checked against a quota.
+USAGE_MAX_AGE = 1.0
 
 Handler = Callable[[dict[str, Any], memoryview, Caller], Awaitable[tuple[dict[str, Any], Any]]]
 
@@ -87,6 +98,10 @@ class IoService:
         opened it before the change.
     tls_ca
         CA file to trust when calling peer servers over TLS (None: plaintext).
+    inflight_limit
+        Bytes of write requests held at once (back-pressure; None: unbounded).
+    stream_idle_timeout
+        Seconds a write stream may send nothing before it is cut (a stuck or dead client).
     """
 
     def __init__(
@@ -100,8 +115,16 @@ class IoService:
         drop_grace: float = 5.0,
         auth: Authorizer | None = None,
         tls_ca: str | None = None,
+        inflight_limit: int | None = DEFAULT_INFLIGHT_LIMIT,
+        stream_idle_timeout: float = 60.0,
     ) -> None:
         self.store = store
+        self.budget = ByteBudget(inflight_limit)
+        #: per-user quotas in bytes, cluster-wide (every server holds the same table)
+        self.quotas: dict[str, int] = {}
+        self._peer_usage: tuple[float, dict[str, int]] = (-math.inf, {})
+        self._usage_refresh: asyncio.Future[dict[str, int]] | None = None
+        self.stream_idle_timeout = stream_idle_timeout
         self.auth = auth or Authorizer()
         self.tls_ca = tls_ca
         self.gate = gate or IoGate()
@@ -134,6 +157,9 @@ class IoService:
             "stats": self._op_stats,
             "live_uids": self._op_live_uids,
             "drop": self._op_drop,
+            "quota_set": self._op_quota_set,
+            "quota_show": self._op_quota_show,
+            "usage": self._op_usage,
         }
 
     # ----------------------------------------------------------------- set-up
@@ -147,6 +173,8 @@ class IoService:
     async def load(self) -> None:
         """Recover committed records and held chunk versions from a persistent store."""
         n = await self.namespace.load()
+        if self.store.supports_persistence and await self.store.exists(QUOTA_KEY):
+            self.quotas = dict(msgpack.unpackb(await self.store.get(QUOTA_KEY), raw=False))
         now = time.monotonic()
         async for key in self.store.list("c/"):
             home, uid, _ = parse_chunk_key(key)
@@ -272,8 +300,18 @@ class IoService:
         # the client still sends makes gRPC report a bare INTERNAL instead of our status.
         count = total = 0
         failure: IosvcError | None = None
+        frames = request_iterator.__aiter__()
         try:
-            async for frame in request_iterator:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(anext(frames), self.stream_idle_timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"write stream sent nothing for {self.stream_idle_timeout:g} s; closed "
+                        "(a stuck or dead client); nothing of it was committed"
+                    ) from None
                 if failure is not None:
                     continue
                 try:
@@ -285,7 +323,10 @@ class IoService:
                     checksum = header.get("ck")
                     if len(payload) > wire.MAX_CHUNK_SIZE:
                         raise InvalidArgument(f"chunk of {len(payload)} bytes over the limit")
-                    async with self.gate.admit(identity, len(payload)):
+                    async with (
+                        self.budget.hold(len(payload)),
+                        self.gate.admit(identity, len(payload)),
+                    ):
                         if xxhash.xxh3_64_intdigest(payload) != checksum:
                             raise DataCorruption(f"chunk {key} arrived corrupt (checksum mismatch)")
                         await self._put_chunk(home, uid, key, payload, checksum)
@@ -348,6 +389,7 @@ class IoService:
         existing = self.namespace.get(rec.path)
         if existing is not None and existing.kind == KIND_DIR:
             raise IsADirectory(f"{rec.path} is a directory")
+        await self._check_quota(rec, existing)
         old = await self.namespace.commit(rec)
         if old is not None and old.uid and old.uid != rec.uid:
             self._drop_version(old)
@@ -361,7 +403,7 @@ class IoService:
         assert self.index is not None or self._require_configured()
         errors: list[Any] = []
         offset = 0
-        async with self.gate.admit(who.identity, len(payload)):
+        async with self.budget.hold(len(payload)), self.gate.admit(who.identity, len(payload)):
             for entry in files:
                 try:
                     rec = FileRecord.from_wire(entry)
@@ -509,6 +551,10 @@ class IoService:
             "metrics_port": self.metrics_port,
             "busy_slots": self.gate.busy,
             "slots": self.gate.slots,
+            "inflight_bytes": self.budget.held,
+            "inflight_peak": self.budget.peak,
+            "inflight_limit": self.budget.limit,
+            "inflight_waiting": self.budget.waiting,
         }, None
 
     async def _op_configure(
@@ -519,6 +565,85 @@ class IoService:
             raise InvalidArgument("configure needs 'index' (int) and 'peers' (list)")
         self.configure(index, [str(p) for p in peers])
         return {}, None
+
+    # ----------------------------------------------------------------- quotas
+    async def _check_quota(self, rec: FileRecord, existing: FileRecord | None) -> None:
+        """Refuse a commit that would take its owner past their quota, cluster-wide.
+
+        Usage is counted on each file's home server; a commit adds the peers' usage, at most
+        ``USAGE_MAX_AGE`` old. Concurrent commits of one user on several servers can so
+        overshoot by what they commit within that second: a soft bound, like most HPC
+        quotas, that costs no cross-server round trip per commit.
+        """
+        user = owner_user(rec)
+        quota = self.quotas.get(user) if user is not None else None
+        if quota is None or user is None:
+            return
+        local = self.namespace.usage.get(user, 0)
+        if existing is not None and owner_user(existing) == user:
+            local -= existing.size  # replacing a file of one's own frees its old size
+        used = local + (await self._peers_usage()).get(user, 0)
+        if used + rec.size > quota:
+            raise QuotaExceeded(
+                f"{rec.path}: user {user} would use {used + rec.size} bytes, over the quota of "
+                f"{quota} bytes ({used} used); remove files or ask an admin "
+                "(iosvc quota set)"
+            )
+
+    async def _peers_usage(self) -> dict[str, int]:
+        stamp, usage = self._peer_usage
+        if time.monotonic() - stamp <= USAGE_MAX_AGE:
+            return usage
+        if self._usage_refresh is None:
+            self._usage_refresh = asyncio.ensure_future(self._fetch_peers_usage())
+        refresh = self._usage_refresh
+        try:
+            return await asyncio.shield(refresh)
+        finally:
+            if refresh.done() and self._usage_refresh is refresh:
+                self._usage_refresh = None
+
+    async def _fetch_peers_usage(self) -> dict[str, int]:
+        peers = [i for i in range(len(self.peers)) if i != self.index]
+        replies = await asyncio.gather(*(self._peer_call(i, {"op": "usage"}) for i in peers))
+        total: dict[str, int] = {}
+        for reply in replies:
+            for user, nbytes in ((reply or {}).get("usage") or {}).items():
+                total[user] = total.get(user, 0) + int(nbytes)
+        self._peer_usage = (time.monotonic(), total)
+        return total
+
+    async def _op_usage(
+        self, header: dict[str, Any], payload: memoryview, who: Caller
+    ) -> tuple[dict[str, Any], Any]:
+        """Bytes of files homed here, by owning user."""
+        return {"usage": dict(self.namespace.usage)}, None
+
+    async def _op_quota_set(
+        self, header: dict[str, Any], payload: memoryview, who: Caller
+    ) -> tuple[dict[str, Any], Any]:
+        user, nbytes = header.get("user"), header.get("bytes")
+        if not isinstance(user, str) or not user:
+            raise InvalidArgument("quota_set needs 'user' (a user name)")
+        if nbytes is not None and (
+            not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0
+        ):
+            raise InvalidArgument("quota_set 'bytes' must be an integer >= 0, or None to remove")
+        quotas = dict(self.quotas)
+        if nbytes is None:
+            quotas.pop(user, None)
+        else:
+            quotas[user] = nbytes
+        if self.store.supports_persistence:
+            await self.store.set(QUOTA_KEY, msgpack.packb(quotas))
+        self.quotas = quotas
+        log.info("quota of %s set to %s by %s", user, nbytes, who)
+        return {"quotas": quotas}, None
+
+    async def _op_quota_show(
+        self, header: dict[str, Any], payload: memoryview, who: Caller
+    ) -> tuple[dict[str, Any], Any]:
+        return {"quotas": dict(self.quotas), "usage": dict(self.namespace.usage)}, None
 
     # ----------------------------------------------------------------- admin
     async def _op_policy_set(
