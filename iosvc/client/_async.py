@@ -47,6 +47,25 @@ SMALL_BATCH = 256
 #: Bytes per batched write call.
 SMALL_BATCH_BYTES = 8 * 1024 * 1024
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+#: Longest pause between two attempts; with the default 10 attempts a client waits ~5.5 s
+#: in all, enough for a killed server to be restarted on a loaded node.
+_MAX_BACKOFF = 1.0
+DEFAULT_RETRIES = 10
+
+
+def _transport_failure(exc: grpc.RpcError) -> bool:
+    """INTERNAL raised by gRPC's core (a connection cut mid-call), not by an iosvc server.
+
+    Servers put their error class in trailing metadata; a bare INTERNAL without it comes from
+    the transport, e.g. when a server is killed during a call, and is safe to retry for the
+    idempotent operations this client retries.
+    """
+    if not hasattr(exc, "code") or exc.code() != grpc.StatusCode.INTERNAL:
+        return False
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return not any(key == wire.ERROR_METADATA_KEY for key, _ in trailing or ())
+
+
 #: Bytes fetched per step by streaming reads (get_file, iter_chunks).
 _WINDOW = 64 * 1024 * 1024
 #: Versions a read by name follows when a hot file keeps being replaced under it.
@@ -121,7 +140,7 @@ class AsyncClient:
         Chunk size of files this client writes (default: the cluster's, 4 MiB).
     retries
         Attempts on ``UNAVAILABLE`` (server restarting or briefly unreachable), with
-        exponential backoff from 50 ms (the default rides out a ~3 s server restart).
+        exponential backoff from 50 ms up to 1 s (the default rides out ~5 s of restart).
     timeout
         Deadline in seconds of each call.
     token
@@ -138,7 +157,7 @@ class AsyncClient:
         *,
         identity: JobIdentity | None = None,
         chunk_size: int | None = None,
-        retries: int = 6,
+        retries: int = DEFAULT_RETRIES,
         timeout: float = 120.0,
         token: str | None = None,
         tls_ca: str | None = None,
@@ -203,9 +222,9 @@ class AsyncClient:
                 return await attempt()
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
-                if code in _RETRYABLE and n + 1 < self.retries:
+                if (code in _RETRYABLE or _transport_failure(exc)) and n + 1 < self.retries:
                     await asyncio.sleep(delay)
-                    delay *= 2
+                    delay = min(2 * delay, _MAX_BACKOFF)
                     continue
                 err = wire.error_from_rpc(exc, f"server {self.spec.servers[server]}")
                 if isinstance(err, Unavailable):

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from fsspec.asyn import get_loop, sync
 
-from iosvc.client._async import AsyncClient, FileInfo
+from iosvc.client._async import DEFAULT_RETRIES, AsyncClient, FileInfo
 from iosvc.config import ClusterSpec
 from iosvc.errors import IosvcError
 from iosvc.identity import JobIdentity
@@ -33,7 +33,7 @@ class Client:
         *,
         identity: JobIdentity | None = None,
         chunk_size: int | None = None,
-        retries: int = 6,
+        retries: int = DEFAULT_RETRIES,
         timeout: float = 120.0,
         token: str | None = None,
     ) -> None:
