@@ -197,8 +197,36 @@ def status(cluster_file: ClusterOpt = None) -> None:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind (0: any free port).")] = 0,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address to bind [default: 127.0.0.1; with --slurm/--hostfile this node's "
+            "name in the node list]."
+        ),
+    ] = None,
+    port: Annotated[
+        int,
+        typer.Option(help="Port to bind (0: any free port; with --slurm/--hostfile: 7311)."),
+    ] = 0,
+    slurm: Annotated[
+        bool,
+        typer.Option(
+            "--slurm",
+            help="One server per node of this Slurm job: nodes from SLURM_JOB_NODELIST, "
+            "this one's index from SLURM_NODEID.",
+        ),
+    ] = False,
+    hostfile: Annotated[
+        Path | None,
+        typer.Option(help="One server per host listed in this file (one per line), in order."),
+    ] = None,
+    write_cluster_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Server 0 writes the cluster file here once every server answers "
+            "(e.g. in the job's directory; clients set IOSVC_CLUSTER to it)."
+        ),
+    ] = None,
     index: Annotated[int | None, typer.Option(help="This server's index in --peers.")] = None,
     peers: Annotated[
         str | None, typer.Option(help="Comma-separated host:port of all servers, in order.")
@@ -249,15 +277,35 @@ def serve(
         typer.Option(help="CA that signed the servers' certificates [default: --tls-cert]."),
     ] = None,
 ) -> None:
-    """Run one iosvc server in the foreground (SIGTERM stops it gracefully)."""
+    """Run one iosvc server in the foreground (SIGTERM stops it gracefully).
+
+    On a cluster: `srun --ntasks-per-node=1 iosvc serve --slurm --dir /local/iosvc
+    --write-cluster-file $PWD/cluster.json` (see deploy/slurm/).
+    """
     from iosvc.server import ServerOptions, run
+    from iosvc.server._hosts import nodes_from_slurm, own_index, read_hostfile
+
+    peer_list = peers.split(",") if peers else None
+    if slurm or hostfile is not None:
+        if slurm and hostfile is not None:
+            raise IosvcError("choose --slurm or --hostfile, not both")
+        if peers:
+            raise IosvcError("--peers is made from the node list with --slurm/--hostfile")
+        nodes = nodes_from_slurm() if slurm else read_hostfile(hostfile)  # type: ignore[arg-type]
+        port = port or 7311
+        if index is None:
+            index = own_index(nodes, address=host)
+        elif not 0 <= index < len(nodes):
+            raise IosvcError(f"--index {index} outside a node list of {len(nodes)}")
+        peer_list = [f"{node}:{port}" for node in nodes]
+        host = host or nodes[index]
 
     run(
         ServerOptions(
-            host=host,
+            host=host or "127.0.0.1",
             port=port,
             index=index,
-            peers=peers.split(",") if peers else None,
+            peers=peer_list,
             memory=_size(memory),
             directory=str(directory) if directory else None,
             capacity=_size(capacity),
@@ -276,6 +324,7 @@ def serve(
             tls_ca=str(tls_ca) if tls_ca else None,
             inflight_limit=parse_size(inflight_limit),
             stream_idle_timeout=stream_idle_timeout,
+            cluster_file=str(write_cluster_file) if write_cluster_file else None,
         )
     )
 

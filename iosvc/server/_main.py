@@ -7,13 +7,16 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from iosvc import wire
 from iosvc._malloc import tune_malloc
+from iosvc.config import ClusterSpec
 from iosvc.identity import load_key_file
 from iosvc.server._auth import Authorizer
 from iosvc.server._gate import DeviceModel, IoGate
@@ -53,6 +56,8 @@ class ServerOptions:
     tls_ca: str | None = None
     inflight_limit: int | None = DEFAULT_INFLIGHT_LIMIT
     stream_idle_timeout: float = 60.0
+    #: server 0 writes the cluster file here once every peer answers (multi-node clusters)
+    cluster_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.memory is not None and self.directory is not None:
@@ -93,13 +98,19 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
         service.metrics_port = metrics.serve(options.host, options.metrics_port)
     server = grpc.aio.server(options=wire.CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((service.handler(),))
-    if options.tls_cert and options.tls_key:
-        credentials = wire.server_credentials(options.tls_cert, options.tls_key)
-        port = server.add_secure_port(f"{options.host}:{options.port}", credentials)
-    else:
-        port = server.add_insecure_port(f"{options.host}:{options.port}")
+    address = f"{options.host}:{options.port}"
+    try:
+        if options.tls_cert and options.tls_key:
+            credentials = wire.server_credentials(options.tls_cert, options.tls_key)
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind": port taken, or an address not on this node
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {options.host}:{options.port}")
+        raise OSError(
+            f"could not bind {address}: the port is in use or the address is not on this node"
+        )
     await server.start()
     return server, service, port
 
@@ -129,14 +140,48 @@ async def serve(options: ServerOptions) -> None:
                 log.exception("garbage collection failed")
 
     gc_task = asyncio.create_task(gc_loop())
+    announce = None
+    if options.cluster_file and service.index == 0:
+        announce = asyncio.create_task(_write_cluster_file(service, options))
     await stop.wait()
     log.info("stopping")
     gc_task.cancel()
+    if announce is not None:
+        announce.cancel()
     await server.stop(grace=5)
     await service.close()
     with contextlib.suppress(FileNotFoundError):
         if options.ready_file:
             os.unlink(options.ready_file)
+
+
+async def _write_cluster_file(service: IoService, options: ServerOptions) -> None:
+    """Server 0 of a multi-node cluster: once every peer answers, publish the cluster file.
+
+    Clients of the job find the burst buffer through it (``IOSVC_CLUSTER``); it appears only
+    when the whole cluster can serve, so a job step started after it never sees a half cluster.
+    """
+    assert options.cluster_file is not None
+    waiting = set(range(len(service.peers))) - {0}
+    started = time.monotonic()
+    while waiting:
+        for peer in sorted(waiting):
+            if await service._peer_call(peer, {"op": "status"}) is not None:
+                waiting.discard(peer)
+        if waiting:
+            if time.monotonic() - started > 300:
+                log.error("peers %s never answered; no cluster file written", sorted(waiting))
+                return
+            await asyncio.sleep(0.2)
+    storage = f"dir {options.directory}" if options.directory else "memory"
+    extra: dict[str, Any] = {}
+    if options.tls_cert:
+        extra["tls_ca"] = options.tls_ca or options.tls_cert
+    spec = ClusterSpec(
+        servers=tuple(service.peers), storage=storage, secure=service.auth.secure, extra=extra
+    )
+    spec.save(options.cluster_file)
+    log.info("all %d servers up; wrote %s", len(service.peers), options.cluster_file)
 
 
 def run(options: ServerOptions) -> None:
