@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import fsspec
 import xxhash
+from fsspec.asyn import sync
 
 from iosvc.errors import Cancelled, DataCorruption
 from iosvc.staging._backend import FileEntry, TaskStatus, TransferRequest
@@ -57,6 +58,49 @@ def _mkdirs(fs: fsspec.AbstractFileSystem, root: str, files: Sequence[FileEntry]
         fs.makedirs(parent, exist_ok=True)
 
 
+class _Sink:
+    """Where a large file's blocks go: an iosvc writer directly, else an fsspec file.
+
+    For ``iosvc://`` the client's streaming writer takes the blocks as they are (fsspec's
+    buffered file would copy each block into its own buffer first); nothing is visible until
+    ``commit``, and ``abort`` frees what was sent.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        from iosvc.client import IosvcFileSystem
+
+        self._fs, self._path = fs, path
+        self._writer = None
+        self._file = None
+        if isinstance(fs, IosvcFileSystem):
+            self._writer = fs.client.open_writer(fs._strip_protocol(path))
+        else:
+            self._file = fs.open(path, "wb")
+
+    def write(self, block: bytes) -> None:
+        if self._writer is not None:
+            sync(self._fs.loop, self._writer.write, block)
+        else:
+            assert self._file is not None
+            self._file.write(block)
+
+    def commit(self) -> None:
+        if self._writer is not None:
+            sync(self._fs.loop, self._writer.close)
+        else:
+            assert self._file is not None
+            self._file.close()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            sync(self._fs.loop, self._writer.abort)
+            return
+        assert self._file is not None
+        self._file.close()
+        with contextlib.suppress(OSError):
+            self._fs.rm(self._path)  # a local partial file is removed
+
+
 def _copy_large(
     src: fsspec.AbstractFileSystem,
     dst: fsspec.AbstractFileSystem,
@@ -67,11 +111,11 @@ def _copy_large(
 ) -> None:
     digest = xxhash.xxh3_128()
     with src.open(src_path, "rb", block_size=BLOCK) as fin:
-        fout = dst.open(dst_path, "wb")
+        sink = _Sink(dst, dst_path)
         try:
             while block := fin.read(BLOCK):
                 digest.update(block)
-                fout.write(block)
+                sink.write(block)
                 on_bytes(len(block))
             got = f"{ALGORITHM}:{digest.hexdigest()}"
             if got != entry.checksum:
@@ -80,14 +124,9 @@ def _copy_large(
                     f"({got} != {entry.checksum}); not copied"
                 )
         except BaseException:
-            # iosvc files publish nothing when discarded; a local partial file is removed.
-            if hasattr(fout, "discard"):
-                fout.discard()
-            fout.close()
-            with contextlib.suppress(OSError):
-                dst.rm(dst_path)
+            sink.abort()
             raise
-        fout.close()
+        sink.commit()
 
 
 def copy_files(
