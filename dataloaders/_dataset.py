@@ -262,21 +262,73 @@ class StreamingDataset(IterableDataset[Sample]):
 
     # ------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Any]:
-        samples = self._samples()
         batch = self._collated_batches
         if not batch:
-            yield from samples
+            yield from self._samples()
+            return
+        if self.transform is None:
+            yield from self._batches(batch)
             return
         # Batches made here (dataloaders.DataLoader's fast path): one object per batch through
         # the DataLoader's machinery instead of one per sample, collated by field kind.
         buffer: list[Any] = []
-        for sample in samples:
+        for sample in self._samples():
             buffer.append(sample)
             if len(buffer) == batch:
                 yield self._collate(buffer)
                 buffer = []
         if buffer and not self._drop_last:
             yield self._collate(buffer)
+
+    def _batches(self, batch: int) -> Iterator[Any]:
+        """Collated batches gathered shard by shard (``DecodedShard.take``): array fields are
+        decoded straight into the batch instead of sample by sample, then stacked. The same
+        batches, in the same order, as collating the samples of :meth:`_samples`."""
+        pending: list[tuple[DecodedShard, int]] = []
+        for pair in self._sample_refs():
+            pending.append(pair)
+            if len(pending) == batch:
+                yield self._gather(pending)
+                pending = []
+        if pending and not self._drop_last:
+            yield self._gather(pending)
+
+    def _gather(self, refs: list[tuple[DecodedShard, int]]) -> Any:
+        fields = self.manifest.fields
+        # One take per shard the batch draws from (a shuffle window mixes a few shards), then
+        # each sample's row goes back to its place in the batch.
+        groups: dict[int, tuple[DecodedShard, list[int], list[int]]] = {}
+        for pos, (shard, j) in enumerate(refs):
+            group = groups.get(id(shard))
+            if group is None:
+                group = groups[id(shard)] = (shard, [], [])
+            group[1].append(pos)
+            group[2].append(j)
+        parts = [(positions, shard.take(js, fields)) for shard, positions, js in groups.values()]
+        n = len(refs)
+        out: dict[str, Any] = {}
+        for spec in fields:
+            if spec.kind == "array":
+                if len(parts) == 1:
+                    column = parts[0][1][spec.name]
+                else:
+                    first = parts[0][1][spec.name]
+                    column = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+                    for positions, taken in parts:
+                        column[positions] = taken[spec.name]
+                out[spec.name] = torch.from_numpy(column)
+                continue
+            values: list[Any] = [None] * n
+            for positions, taken in parts:
+                for pos, value in zip(positions, taken[spec.name], strict=True):
+                    values[pos] = value
+            if spec.kind == "int":
+                out[spec.name] = torch.tensor(values, dtype=torch.int64)
+            elif spec.kind == "float":
+                out[spec.name] = torch.tensor(values, dtype=torch.float64)
+            else:
+                out[spec.name] = values
+        return out
 
     def _collate(self, samples: list[Any]) -> Any:
         """What ``default_collate`` makes of ``samples``, faster for the known fields."""
@@ -296,6 +348,13 @@ class StreamingDataset(IterableDataset[Sample]):
         return out
 
     def _samples(self) -> Iterator[Any]:
+        transform = self.transform
+        for shard, j in self._sample_refs():
+            sample = shard.sample(j)
+            yield sample if transform is None else transform(sample)
+
+    def _sample_refs(self) -> Iterator[tuple[DecodedShard, int]]:
+        """(decoded shard, index in it) of each sample this reader yields, in order."""
         world = World.detect()
         if world.num_workers > 1 and self.batch_size is None:
             raise ValueError(
@@ -337,19 +396,19 @@ class StreamingDataset(IterableDataset[Sample]):
         )
         self._in_epoch = True
         self._taken = 0
-        transform = self.transform
         loaded: dict[int, DecodedShard] = {}
         try:
             for k, (s, j) in enumerate(zip(shard_of.tolist(), local.tolist(), strict=True)):
                 shard = loaded.get(s)
                 if shard is None:
                     shard = loaded[s] = prefetcher.get(s)
-                sample = shard.sample(j)
                 if last_use[s] == k:
+                    # Released for the cache's budget; the reference held here keeps the
+                    # decoded bytes alive until this sample is used.
                     del loaded[s]
                     prefetcher.release(s)
                 self._taken += 1
-                yield sample if transform is None else transform(sample)
+                yield shard, j
         finally:
             prefetcher.close()
             self._in_epoch = False
