@@ -250,15 +250,32 @@ class StreamingDataset(IterableDataset[Sample]):
         """The global sample order of ``epoch`` (default: the current one)."""
         world = World.detect()
         block = self._order_block if self._order_block is not None else self._block()
-        return epoch_order(
-            self.manifest.counts,
-            seed=self.seed,
-            epoch=self.epoch if epoch is None else epoch,
-            shuffle=self.shuffle,
-            window=self.shuffle_window,
-            canonical=canonical or self._canonical(world),
-            block=block,
+        key = (
+            self.seed,
+            self.epoch if epoch is None else epoch,
+            self.shuffle,
+            self.shuffle_window,
+            canonical or self._canonical(world),
+            block,
         )
+        # Kept for the next call with the same arguments: dataloaders.DataLoader computes the
+        # epoch's order before its workers start, so each worker inherits it instead of
+        # spending its first-batch time on the same permutation.
+        cached: tuple[tuple[Any, ...], np.ndarray] | None = getattr(self, "_order_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        order = epoch_order(
+            self.manifest.counts,
+            seed=key[0],
+            epoch=key[1],
+            shuffle=key[2],
+            window=key[3],
+            canonical=key[4],
+            block=key[5],
+        )
+        order.setflags(write=False)  # shared by every reader of this epoch
+        self._order_cache = (key, order)
+        return order
 
     # ------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Any]:

@@ -116,6 +116,8 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
             self._iterator = None
         self._worker_key = self._key()
         epoch = ds.epoch
+        if self.num_workers > 0 and not (self.persistent_workers and self._iterator is not None):
+            ds.order(epoch)  # computed once here; the workers about to start inherit it
         self._running_epoch = epoch
         self._batches = 0
         for batch in super().__iter__():
