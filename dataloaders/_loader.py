@@ -116,8 +116,14 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
             self._iterator = None
         self._worker_key = self._key()
         epoch = ds.epoch
-        if self.num_workers > 0 and not (self.persistent_workers and self._iterator is not None):
-            ds.order(epoch)  # computed once here; the workers about to start inherit it
+        starting = self.num_workers > 0 and not (
+            self.persistent_workers and self._iterator is not None
+        )
+        if starting and (is_local(ds.url) or protocol_of(ds.url) != "iosvc"):
+            # Computed once here and inherited by the workers about to start. Not for
+            # iosvc:// URLs: reading the manifest here would use gRPC before the workers
+            # fork (the fork context was chosen above on the promise that it had not).
+            ds.order(epoch)
         self._running_epoch = epoch
         self._batches = 0
         for batch in super().__iter__():
