@@ -157,6 +157,22 @@ class _RawShard(DecodedShard):
             out[name] = column[i]
         return out
 
+    def take(self, indices: Sequence[int], fields: Sequence[FieldSpec]) -> dict[str, Any]:
+        if any(spec.kind == "array" for _, spec in self._blobs):
+            return super().take(indices, fields)
+        # Blobs (e.g. JPEG bytes) straight into per-field lists, without a dict per sample.
+        out: dict[str, Any] = {}
+        view, ends, nblob = self._view, self._ends, self._nblob
+        for k, (name, _) in enumerate(self._blobs):
+            column = []
+            for i in indices:
+                at = i * nblob + k
+                column.append(bytes(view[ends[at - 1] if at else 0 : ends[at]]))
+            out[name] = column
+        for name, values in self._values:
+            out[name] = [values[i] for i in indices]
+        return out
+
 
 class RawFormat(ShardFormat):
     """Blobs back to back, stored as given; a footer of blob end offsets and small fields."""

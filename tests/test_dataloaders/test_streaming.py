@@ -244,7 +244,15 @@ def test_public_api() -> None:
 
 @pytest.mark.parametrize(
     ("workers", "fmt"),
-    [(0, "records"), (2, "records"), (0, "arrays"), (2, "arrays"), (0, "arrays-16k"), (0, "raw")],
+    [
+        (0, "records"),
+        (2, "records"),
+        (0, "arrays"),
+        (2, "arrays"),
+        (0, "arrays-16k"),
+        (0, "raw"),
+        (2, "raw-bytes"),
+    ],
 )
 def test_batches_made_in_the_dataset_equal_default_collate(
     local_url: str, workers: int, fmt: str
@@ -256,7 +264,12 @@ def test_batches_made_in_the_dataset_equal_default_collate(
     # 16 KiB samples are one per zarr chunk: decoded straight into the batch's rows.
     shape = (64, 64) if fmt == "arrays-16k" else (3, 2)
     samples = [
-        {"x": np.random.default_rng(i).normal(size=shape).astype(np.float32), "y": i, "f": i / 2}
+        (
+            {"x": os.urandom(i * 7 % 300)}  # blobs only: gathered without per-sample dicts
+            if fmt == "raw-bytes"
+            else {"x": np.random.default_rng(i).normal(size=shape).astype(np.float32)}
+        )
+        | {"y": i, "f": i / 2}
         | ({} if fmt.startswith("arrays") else {"s": f"n{i}"})
         for i in range(70)
     ]
@@ -270,7 +283,9 @@ def test_batches_made_in_the_dataset_equal_default_collate(
     assert fast.batch_size == 16 and len(fast) == len(plain) == 5
     for a, b in zip(fast, plain, strict=True):
         assert a.keys() == b.keys() and a.get("s") == b.get("s")
-        for key in ("x", "y", "f"):
+        if fmt == "raw-bytes":
+            assert a["x"] == b["x"]
+        for key in ("y", "f") if fmt == "raw-bytes" else ("x", "y", "f"):
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])
 
 
