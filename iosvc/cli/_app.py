@@ -11,17 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
 from iosvc.cli._admin import policy_app, quota_app, token_app, top
-from iosvc.cli._common import ClusterOpt, console, err_console, make_client
+from iosvc.cli._common import ClusterOpt, console, err_console, make_client, transfer_progress
 from iosvc.cli._shards import shards_app
 from iosvc.cli._staging import datasets_app, login, logout, stage_app
 from iosvc.config import ClusterSpec, find_cluster_file
@@ -48,20 +41,18 @@ app.command()(top)
 _PROGRESS_MIN = 32 * 1024 * 1024
 
 
+TlsCertOpt = Annotated[
+    Path | None, typer.Option(help="Serve TLS with this certificate (PEM; with --tls-key).")
+]
+TlsKeyOpt = Annotated[Path | None, typer.Option(help="Private key of --tls-cert (PEM).")]
+TlsCaOpt = Annotated[
+    Path | None,
+    typer.Option(help="CA that signed the servers' certificates [default: --tls-cert]."),
+]
+
+
 def _size(text: str | None) -> int | None:
     return None if text is None else parse_size(text)
-
-
-def _progress() -> Progress:
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    )
 
 
 # ------------------------------------------------------------------ cluster
@@ -93,14 +84,9 @@ def up(
         bool,
         typer.Option(help="Require signed job tokens (makes a cluster key and an admin token)."),
     ] = False,
-    tls_cert: Annotated[
-        Path | None, typer.Option(help="Serve TLS with this certificate (PEM; with --tls-key).")
-    ] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="Private key of --tls-cert (PEM).")] = None,
-    tls_ca: Annotated[
-        Path | None,
-        typer.Option(help="CA that signed the servers' certificates [default: --tls-cert]."),
-    ] = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
     cluster_file: ClusterOpt = None,
 ) -> None:
     """Start a local cluster of SERVERS processes on loopback and write its cluster file.
@@ -268,14 +254,9 @@ def serve(
     stream_idle_timeout: Annotated[
         float, typer.Option(help="Seconds a write stream may stay silent before it is cut.")
     ] = 60.0,
-    tls_cert: Annotated[
-        Path | None, typer.Option(help="Serve TLS with this certificate (PEM; with --tls-key).")
-    ] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="Private key of --tls-cert (PEM).")] = None,
-    tls_ca: Annotated[
-        Path | None,
-        typer.Option(help="CA that signed the servers' certificates [default: --tls-cert]."),
-    ] = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    tls_ca: TlsCaOpt = None,
 ) -> None:
     """Run one iosvc server in the foreground (SIGTERM stops it gracefully).
 
@@ -376,7 +357,7 @@ def put(
         else:
             raise IosvcError(f"no such local file: {src}")
     total = sum(p.stat().st_size for p, _ in pairs)
-    with _progress() as progress:
+    with transfer_progress() as progress:
         task = progress.add_task("put", total=total, visible=total >= _PROGRESS_MIN)
         small = {dst: src.read_bytes() for src, dst in pairs if src.stat().st_size <= 1 << 20}
         if small:
@@ -408,7 +389,7 @@ def get(
         dst = local / Path(info["name"]).name if local.is_dir() else local
         pairs = [(info, dst)]
     total = sum(e["size"] for e, _ in pairs)
-    with _progress() as progress:
+    with transfer_progress() as progress:
         task = progress.add_task("get", total=total, visible=total >= _PROGRESS_MIN)
         for entry, dst in pairs:
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
-__all__ = ["ClusterOpt", "console", "err_console", "make_client"]
+__all__ = ["ClusterOpt", "console", "err_console", "make_client", "transfer_progress"]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,3 +36,16 @@ def make_client(cluster_file: Path | None) -> Any:
     from iosvc.client import Client
 
     return Client(cluster_file)
+
+
+def transfer_progress() -> Progress:
+    """The byte progress bar of long transfers (on stderr; gone when done)."""
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 from typer.core import TyperGroup
 
-from iosvc.cli._common import console, err_console
+from iosvc.cli._common import console, transfer_progress
 from iosvc.policies import format_size
 
 __all__ = ["datasets_app", "login", "logout", "stage_app"]
@@ -73,17 +72,6 @@ def _stager(
         yield Stager(cat, load_sites(sites), verify=verify)
 
 
-def _progress() -> Progress:
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=err_console,
-        transient=True,
-    )
-
-
 def _when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -101,7 +89,7 @@ def register(
 
     A manifest that differs from the latest version's is recorded as a new version.
     """
-    with _stager(sites, catalog, cluster_file) as stager, _progress() as bar:
+    with _stager(sites, catalog, cluster_file) as stager, transfer_progress() as bar:
         task = bar.add_task(f"checksum {name}", total=None)
         record = stager.register(
             path,
@@ -236,7 +224,7 @@ def run(
     """Copy DATASET to site TO (Globus between Globus sites, else fsspec) and verify it."""
     del wait  # every transfer here is followed to its end; see the help text
     started = time.monotonic()
-    with _stager(sites, catalog, cluster_file, verify) as stager, _progress() as bar:
+    with _stager(sites, catalog, cluster_file, verify) as stager, transfer_progress() as bar:
         tasks: dict[str, Any] = {}
 
         def progress(phase: str, done: int, total: int) -> None:

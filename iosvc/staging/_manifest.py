@@ -128,6 +128,24 @@ def _hash_batch(
     return out
 
 
+def _hash_all(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    files: Sequence[FileEntry],
+    threads: int,
+    on_progress: Progress | None,
+) -> Iterable[tuple[str, str | Exception]]:
+    """(path, checksum or read error) of every file, hashed in batches on a thread pool."""
+    with ThreadPoolExecutor(threads) as pool:
+        groups = list(batches(files))
+        for group, result in zip(
+            groups, pool.map(lambda g: _hash_batch(fs, root, g), groups), strict=True
+        ):
+            yield from result.items()
+            if on_progress is not None:
+                on_progress(sum(e.size for e in group), len(group))
+
+
 def build_manifest(
     url: str, *, threads: int = 8, on_progress: Progress | None = None
 ) -> list[FileEntry]:
@@ -144,17 +162,10 @@ def build_manifest(
         raise NotFound(f"no files under {url}")
     pending = [FileEntry(p, s, "") for p, s in sorted(sizes.items())]
     sums: dict[str, str] = {}
-    with ThreadPoolExecutor(threads) as pool:
-        groups = list(batches(pending))
-        for group, result in zip(
-            groups, pool.map(lambda g: _hash_batch(fs, root, g), groups), strict=True
-        ):
-            for path, value in result.items():
-                if isinstance(value, Exception):
-                    raise InvalidArgument(f"cannot read {url}/{path}: {value}") from value
-                sums[path] = value
-            if on_progress is not None:
-                on_progress(sum(e.size for e in group), len(group))
+    for path, value in _hash_all(fs, root, pending, threads, on_progress):
+        if isinstance(value, Exception):
+            raise InvalidArgument(f"cannot read {url}/{path}: {value}") from value
+        sums[path] = value
     return [FileEntry(e.path, e.size, sums[e.path]) for e in pending]
 
 
@@ -221,16 +232,9 @@ def verify(
         else:
             to_read.append(entry)
     expected = {e.path: e.checksum for e in to_read}
-    with ThreadPoolExecutor(threads) as pool:
-        groups = list(batches(to_read))
-        for group, result in zip(
-            groups, pool.map(lambda g: _hash_batch(fs, root, g), groups), strict=True
-        ):
-            for path, value in result.items():
-                if isinstance(value, Exception):
-                    report.unreadable[path] = str(value)
-                elif value != expected[path]:
-                    report.corrupt.append(path)
-            if on_progress is not None:
-                on_progress(sum(e.size for e in group), len(group))
+    for path, value in _hash_all(fs, root, to_read, threads, on_progress):
+        if isinstance(value, Exception):
+            report.unreadable[path] = str(value)
+        elif value != expected[path]:
+            report.corrupt.append(path)
     return report
