@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
@@ -57,3 +59,24 @@ def fresh_cluster(tmp_path: os.PathLike[str]) -> Iterator[LocalCluster]:
     """A private 2-server cluster for tests that kill, fill or restart servers."""
     with LocalCluster(2, memory=256 << 20, workdir=tmp_path) as running:
         yield running
+
+
+CliRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def iosvc_cli() -> CliRunner:
+    """Run the ``iosvc`` command as a user would: ``iosvc_cli("ls", env={...})``."""
+
+    def run(
+        *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "iosvc.cli", *args],
+            env={**os.environ, "COLUMNS": "150", **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,17 +53,10 @@ def test_hostfile_and_own_index(tmp_path: Path) -> None:
         read_hostfile(tmp_path / "absent")
 
 
-def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "iosvc.cli", "serve", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-    )
+def test_serve_refuses_bad_node_setups_clearly(tmp_path: Path, iosvc_cli: Any) -> None:
+    def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return iosvc_cli("serve", *args, env=env, timeout=60)
 
-
-def test_serve_refuses_bad_node_setups_clearly(tmp_path: Path) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1\n")
     out = _serve("--slurm", env={"SLURM_JOB_NODELIST": ""})

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,17 +84,9 @@ def test_quota_arguments_are_checked(cluster: LocalCluster) -> None:
             Client(spec).call_all({"op": "quota_set", **bad})
 
 
-def test_cli_quota_set_and_show(cluster_file: str, tmp_path: Path) -> None:
-    env = {**os.environ, "IOSVC_CLUSTER": cluster_file, "COLUMNS": "150"}
-
+def test_cli_quota_set_and_show(cluster_file: str, iosvc_cli: Any) -> None:
     def iosvc(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "iosvc.cli", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return iosvc_cli(*args, env={"IOSVC_CLUSTER": cluster_file})
 
     out = iosvc("quota", "set", "carol", "5GiB")
     assert out.returncode == 0 and "quota of carol: 5GiB" in out.stdout, out.stderr

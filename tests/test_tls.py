@@ -6,9 +6,9 @@ import datetime
 import ipaddress
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -120,17 +120,9 @@ def test_bad_tls_files_are_refused(tmp_path: Path, certs: dict[str, Path]) -> No
         LocalCluster(1, tls_cert=certs["cert"])
 
 
-def test_cli_up_with_tls(tmp_path: Path, certs: dict[str, Path]) -> None:
-    env = {**os.environ, "IOSVC_CLUSTER": str(tmp_path / "cluster.json")}
-
+def test_cli_up_with_tls(tmp_path: Path, certs: dict[str, Path], iosvc_cli: Any) -> None:
     def iosvc(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "iosvc.cli", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return iosvc_cli(*args, env={"IOSVC_CLUSTER": str(tmp_path / "cluster.json")})
 
     up = iosvc(
         "up",
