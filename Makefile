@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint typecheck bench clean
+.PHONY: demo test test-slow lint typecheck bench bench-dataloader-venv bench-dataloader clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py --json bench/results/throughput.json
+
+# MosaicML streaming and LitData import torchvision, which does not load beside the torch 2.13.0
+# CPU wheel: they run in their own venv (torch 2.14.1 + torchvision 0.29.1, ~6 GB).
+bench-dataloader-venv: $(STAMP)
+	$(PY) bench/dataloader.py --make-peer-venv
+
+bench-dataloader: bench-dataloader-venv
+	$(PY) bench/dataloader.py --json bench/results/dataloader.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
