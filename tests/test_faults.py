@@ -62,6 +62,8 @@ def test_malformed_frames_are_invalid_argument(spec: ClusterSpec, frame: bytes) 
         {"op": "stat", "paths": ["/abs"], "id": ID},
         {"op": "commit", "rec": {"p": "x", "s": 10, "u": "short", "ck": []}, "id": ID},
         {"op": "stat", "paths": ["a"] * 5000, "id": ID},
+        {"op": "live_uids", "uids": [[]], "id": ID},  # found by tests/test_fuzz.py
+        {"op": "drop", "uids": "x", "id": ID},
     ],
 )
 def test_malformed_requests_are_invalid_argument(spec: ClusterSpec, header: dict) -> None:

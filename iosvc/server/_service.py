@@ -681,17 +681,15 @@ class IoService:
     async def _op_live_uids(
         self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
-        uids = header.get("uids")
-        if not isinstance(uids, list):
-            raise InvalidArgument("'uids' must be a list")
+        uids = _list_arg(header, "uids")
+        if not all(isinstance(u, str) for u in uids):
+            raise InvalidArgument("'uids' must be a list of version ids (strings)")
         return {"live": [u for u in uids if self.namespace.is_live(u)]}, None
 
     async def _op_drop(
         self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
-        uids = header.get("uids")
-        if not isinstance(uids, list):
-            raise InvalidArgument("'uids' must be a list")
+        uids = _list_arg(header, "uids")
         freed = 0
         for uid in uids:
             if isinstance(uid, str) and not self.namespace.is_live(uid):
