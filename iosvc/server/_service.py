@@ -304,7 +304,9 @@ class IoService:
         try:
             while True:
                 try:
-                    frame = await asyncio.wait_for(anext(frames), self.stream_idle_timeout)
+                    # asyncio.timeout, not wait_for: no task per frame on the hot path.
+                    async with asyncio.timeout(self.stream_idle_timeout):
+                        frame = await anext(frames)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
