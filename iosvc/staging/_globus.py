@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import globus_sdk
+from globus_sdk.token_storage import JSONTokenStorage  # a submodule: not loaded by the package
 
 from iosvc.errors import IosvcError, NotFound, PermissionDenied, Unauthenticated
 from iosvc.staging._backend import TaskStatus, TransferRequest
@@ -275,7 +276,7 @@ def make_user_app(*, environ: Mapping[str, str] = os.environ) -> globus_sdk.User
     """The native (user) Globus app with refresh tokens kept under :func:`globus_dir`."""
     directory = globus_dir()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    storage = globus_sdk.token_storage.JSONTokenStorage(directory / "tokens.json")
+    storage = JSONTokenStorage(directory / "tokens.json")
     config = globus_sdk.GlobusAppConfig(request_refresh_tokens=True, token_storage=storage)
     client_id = environ.get("IOSVC_GLOBUS_NATIVE_CLIENT_ID", DEFAULT_NATIVE_CLIENT_ID)
     return globus_sdk.UserApp("iosvc", client_id=client_id, config=config)
