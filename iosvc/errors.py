@@ -8,12 +8,14 @@
     ├── IsADirectory          (IsADirectoryError)   FAILED_PRECONDITION
     ├── InvalidArgument       (ValueError)          INVALID_ARGUMENT
     ├── PermissionDenied      (PermissionError)     PERMISSION_DENIED
+    │   └── ConsentRequired                         PERMISSION_DENIED
     ├── Unauthenticated       (PermissionError)     UNAUTHENTICATED
     ├── QuotaExceeded         (OSError, ENOSPC)     RESOURCE_EXHAUSTED
     ├── DataCorruption        (OSError, EIO)        DATA_LOSS
     ├── Unavailable           (ConnectionError)     UNAVAILABLE
     ├── DeadlineExceeded      (TimeoutError)        DEADLINE_EXCEEDED
     ├── Cancelled                                   CANCELLED
+    ├── TransferFailed        (RuntimeError)        ABORTED
     ├── ForkedAfterGrpc       (RuntimeError)        FAILED_PRECONDITION (client side only)
     └── InternalError                               INTERNAL
 
@@ -31,6 +33,7 @@ __all__ = [
     "ERROR_BY_NAME",
     "AlreadyExists",
     "Cancelled",
+    "ConsentRequired",
     "DataCorruption",
     "DeadlineExceeded",
     "ForkedAfterGrpc",
@@ -41,6 +44,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "QuotaExceeded",
+    "TransferFailed",
     "Unauthenticated",
     "Unavailable",
 ]
@@ -101,6 +105,13 @@ class Unauthenticated(IosvcError, PermissionError):
     errno = errno.EACCES
 
 
+class ConsentRequired(PermissionDenied):
+    """A remote service (Globus) needs the user's consent or a new login first.
+
+    The message names the command that grants it, e.g. ``iosvc login --collection <uuid>``.
+    """
+
+
 class QuotaExceeded(IosvcError, OSError):
     """A server or a user is out of space (ENOSPC)."""
 
@@ -133,6 +144,12 @@ class Cancelled(IosvcError):
     grpc_code = "CANCELLED"
 
 
+class TransferFailed(IosvcError, RuntimeError):
+    """A transfer between sites was refused or ended without copying every file."""
+
+    grpc_code = "ABORTED"
+
+
 class ForkedAfterGrpc(IosvcError, RuntimeError):
     """gRPC was in use when this process was forked: it cannot work in the child.
 
@@ -156,11 +173,13 @@ _ALL: tuple[type[IosvcError], ...] = (
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
+    ConsentRequired,
     QuotaExceeded,
     DataCorruption,
     Unavailable,
     DeadlineExceeded,
     Cancelled,
+    TransferFailed,
     ForkedAfterGrpc,
     InternalError,
 )

@@ -15,8 +15,9 @@ from rich.table import Table
 
 from iosvc.cli._admin import policy_app, quota_app, token_app, top
 from iosvc.cli._common import ClusterOpt, console, err_console, make_client, transfer_progress
+from iosvc.cli._globus import login, logout
 from iosvc.cli._shards import shards_app
-from iosvc.cli._staging import datasets_app, login, logout, stage_app
+from iosvc.cli._staging import datasets_app, stage_app
 from iosvc.config import ClusterSpec, find_cluster_file
 from iosvc.errors import IosvcError
 from iosvc.policies import format_size, load_policy, parse_rate, parse_size
