@@ -206,7 +206,9 @@ def run(
         bool,
         typer.Option(
             "--wait/--no-wait",
-            help="Wait for the transfer and verify it (fsspec transfers always run here).",
+            help="Wait for a Globus transfer and verify the replica; with --no-wait it is "
+            "submitted and `iosvc stage status TASK` verifies it when done (fsspec transfers "
+            "always run here).",
         ),
     ] = True,
     version: Annotated[int | None, typer.Option(help="Dataset version (default: latest).")] = None,
@@ -222,7 +224,6 @@ def run(
     cluster_file: ClusterOpt = None,
 ) -> None:
     """Copy DATASET to site TO (Globus between Globus sites, else fsspec) and verify it."""
-    del wait  # every transfer here is followed to its end; see the help text
     started = time.monotonic()
     with _stager(sites, catalog, cluster_file, verify) as stager, transfer_progress() as bar:
         tasks: dict[str, Any] = {}
@@ -240,6 +241,7 @@ def run(
             into_buffer=into_buffer,
             version=version,
             on_progress=progress,
+            wait=wait,
         )
     for r in results:
         console.print(

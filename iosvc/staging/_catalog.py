@@ -246,11 +246,13 @@ class Catalog:
             ).fetchone()
             if row is not None and row[0] == "transferring":
                 live = db.execute(
-                    "SELECT id, updated, owner FROM tasks WHERE name = ? AND version = ? AND "
-                    "destination = ? AND state IN ('submitting', 'active', 'canceling') "
-                    "ORDER BY updated DESC",
+                    "SELECT id, updated, owner, backend, task_id FROM tasks WHERE name = ? AND "
+                    "version = ? AND destination = ? AND state IN ('submitting', 'active', "
+                    "'canceling') ORDER BY updated DESC",
                     (name, version, site),
                 ).fetchone()
+                if live is not None and live[3] == "globus" and live[4]:
+                    return int(live[0])  # runs at Globus whether or not its submitter lives
                 fresh = live is not None and time.time() - float(live[1]) < stale_after
                 if fresh and owner_alive(live[2]):
                     return int(live[0])

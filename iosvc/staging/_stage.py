@@ -14,6 +14,7 @@ The order of steps makes a crash at any point safe to retry:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,14 +155,23 @@ class Stager:
         into_buffer: bool = False,
         version: int | None = None,
         on_progress: Progress | None = None,
+        wait: bool = True,
     ) -> list[StageResult]:
         """Make a verified replica of ``name`` at site ``to`` (and in its burst buffer).
 
-        Returns one result per replica produced (two with ``into_buffer``).
+        Returns one result per replica produced (two with ``into_buffer``). With
+        ``wait=False`` a Globus transfer is submitted and left running (state
+        ``transferring``); :meth:`refresh` verifies the replica once Globus reports success.
+        fsspec transfers run in this process and are always waited for, and so is a Globus
+        transfer followed by ``into_buffer`` (the buffer is filled from the new replica).
         """
         dataset = self.catalog.dataset(name, version)
         destination = self.sites[to]
-        results = [self._stage_one(dataset, destination, to, source, path, on_progress)]
+        results = [
+            self._stage_one(
+                dataset, destination, to, source, path, on_progress, wait=wait or into_buffer
+            )
+        ]
         if into_buffer:
             buffer = self._site_of(to + BUFFER_SUFFIX)
             results.append(
@@ -209,6 +219,7 @@ class Stager:
         on_progress: Progress | None,
         *,
         source_site: Site | None = None,
+        wait: bool = True,
     ) -> StageResult:
         started = time.monotonic()
         src_replica = self._source(dataset, replica_site, source)
@@ -243,7 +254,7 @@ class Stager:
         )
         number = self._task_for(dataset, src_replica.site, replica_site, backend)
         try:
-            status = self._run(number, backend, request, on_progress)
+            status = self._run(number, backend, request, on_progress, wait=wait)
         except BaseException as exc:
             state = "canceled" if isinstance(exc, (Cancelled, KeyboardInterrupt)) else "failed"
             self.catalog.update_task(number, state=state, error=f"{type(exc).__name__}: {exc}")
@@ -251,6 +262,22 @@ class Stager:
                 dataset.name, dataset.version, replica_site, dst_path, "failed", str(exc)
             )
             raise
+        if status.state == "active":  # submitted, not waited for
+            return StageResult(
+                dataset.name,
+                dataset.version,
+                replica_site,
+                dst_path,
+                dst_url,
+                "transferring",
+                number,
+                0,
+                0,
+                0,
+                f"{backend.name} task {status.task_id} submitted; follow it with "
+                f"`iosvc stage status {number}` (it verifies the replica when the task is done)",
+                time.monotonic() - started,
+            )
         if status.state != "succeeded":
             detail = status.error or status.state
             self.catalog.update_task(number, state=status.state, error=detail)
@@ -332,6 +359,8 @@ class Stager:
         backend: TransferBackend,
         request: TransferRequest,
         on_progress: Progress | None,
+        *,
+        wait: bool = True,
     ) -> TaskStatus:
         task = self.catalog.task(number)
         submission_id = task.submission_id
@@ -340,6 +369,8 @@ class Stager:
             self.catalog.update_task(number, submission_id=submission_id)
         task_id = backend.submit(request, submission_id)
         self.catalog.update_task(number, task_id=task_id, state="active")
+        if not wait and backend.name != "fsspec":
+            return TaskStatus(task_id, "active", bytes_total=request.total_bytes)
         last = [0.0]
 
         def progress(status: TaskStatus) -> None:
@@ -422,6 +453,24 @@ class Stager:
                 fields["error"] = status.error
             self.catalog.update_task(number, **fields)
             task = self.catalog.task(number)
+            replica = self.catalog.replica(task.name, task.version, task.destination)
+            if status.finished and replica is not None and replica.state == "transferring":
+                # A transfer submitted without --wait: verify its replica now that it is done.
+                if status.state == "succeeded":
+                    dataset = self.catalog.dataset(task.name, task.version)
+                    url = self._site_of(task.destination).replica_url(replica.path)
+                    # On a mismatch _verify marks the replica failed with what it found.
+                    with contextlib.suppress(DataCorruption):
+                        self._verify(dataset, task.destination, replica.path, url, backend, None)
+                else:
+                    self.catalog.set_replica(
+                        task.name,
+                        task.version,
+                        task.destination,
+                        replica.path,
+                        "failed",
+                        status.error or status.state,
+                    )
         return task
 
     def cancel(self, number: int, *, wait: float = 10.0) -> TaskRecord:

@@ -509,6 +509,32 @@ def test_stage_between_globus_sites_verifies_what_globus_copied(
         assert cat.replica("ds", 1, "dst").state == "failed"  # type: ignore[union-attr]
 
 
+def test_no_wait_submits_and_status_verifies_when_globus_is_done(
+    tc: globus_sdk.TransferClient, tmp_path: Path
+) -> None:
+    sites, catalog = _globus_sites(tmp_path)
+    load_response("iosvc.submit", case="submission_id")
+    load_response("iosvc.submit", case="accepted")
+    with Catalog(catalog) as cat:
+        stager = Stager(cat, load_sites(sites), globus_backend=lambda s, d: backend(tc))
+        stager.register("ds", name="ds", site="src")
+        [result] = stager.stage("ds", to="dst", wait=False)
+        assert result.state == "transferring" and "iosvc stage status" in result.detail
+        assert cat.replica("ds", 1, "dst").state == "transferring"  # type: ignore[union-attr]
+        # A second stage while Globus still runs the first is refused, not resubmitted.
+        with pytest.raises(Exception, match="is being staged to dst by task"):
+            stager.stage("ds", to="dst", wait=False)
+        shutil.copytree(tmp_path / "src/ds", tmp_path / "dst/ds")  # what Globus copied
+        RegisteredResponse(
+            service="transfer",
+            path=f"/v0.10/task/{TASK}",
+            json=recorded("task_success", "task")[-1],
+        ).add()
+        task = stager.refresh(result.task)  # type: ignore[arg-type]
+        assert task.state == "succeeded"
+        assert cat.replica("ds", 1, "dst").state == "verified"  # type: ignore[union-attr]
+
+
 # ---------------------------------------------------------------------------- client & login
 def _token_requests() -> list[dict[str, list[str]]]:
     return [parse_qs(r.body) for r in calls("POST", "/v2/oauth2/token")]
