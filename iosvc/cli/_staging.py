@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 from iosvc.cli._common import console, transfer_progress
 from iosvc.policies import format_size
 
-__all__ = ["datasets_app", "login", "logout", "stage_app"]
+__all__ = ["datasets_app", "stage_app"]
 
 SitesOpt = Annotated[
     Path | None,
@@ -280,39 +280,3 @@ def cancel(
     with _stager(sites, catalog, None) as stager:
         record = stager.cancel(task)
     console.print(f"task {record.id}: {record.state}")
-
-
-def login(
-    collection: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--collection",
-            help="Also ask for data_access consent on this (GCSv5 mapped) collection; repeat.",
-        ),
-    ] = None,
-    force: Annotated[bool, typer.Option(help="Log in again even if tokens exist.")] = False,
-) -> None:
-    """Log in to Globus for `iosvc stage` (prints a URL; paste back the code it gives).
-
-    Tokens (with refresh tokens) are kept under ~/.iosvc/globus/. For automation set
-    IOSVC_GLOBUS_CLIENT_ID and IOSVC_GLOBUS_CLIENT_SECRET instead (a service account).
-    """
-    import globus_sdk
-
-    from iosvc.staging._globus import make_user_app, remember_collections
-
-    app = make_user_app()
-    if collection:
-        globus_sdk.TransferClient(app=app).add_app_data_access_scope(collection)
-    app.login(force=force)
-    if collection:
-        remember_collections(collection)
-    console.print("logged in to Globus; `iosvc stage` can now use Globus sites")
-
-
-def logout() -> None:
-    """Revoke and forget iosvc's Globus tokens."""
-    from iosvc.staging._globus import make_user_app
-
-    make_user_app().logout()
-    console.print("logged out of Globus")

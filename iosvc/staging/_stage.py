@@ -20,7 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from iosvc.errors import Cancelled, DataCorruption, InvalidArgument, IosvcError, NotFound
+from iosvc.errors import (
+    Cancelled,
+    DataCorruption,
+    InvalidArgument,
+    IosvcError,
+    NotFound,
+    TransferFailed,
+)
 from iosvc.staging._backend import Endpoint, TaskStatus, TransferBackend, TransferRequest
 from iosvc.staging._catalog import (
     Catalog,
@@ -55,12 +62,6 @@ Progress = Callable[[str, int, int], None]  # (phase, bytes done, bytes total)
 
 class TransferInProgress(IosvcError, RuntimeError):
     """Another live ``iosvc stage`` is already staging this replica."""
-
-    grpc_code = "ABORTED"
-
-
-class TransferFailed(IosvcError, RuntimeError):
-    """The transfer finished without copying every file (the message lists which and why)."""
 
     grpc_code = "ABORTED"
 
