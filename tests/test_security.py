@@ -54,7 +54,8 @@ def test_token_round_trip_and_tampering(tmp_path: Path) -> None:
     assert read_claims(token).identity == ALICE
     body, mac = token.split(".")
     forged = issue_token(b"x" * 32, JobIdentity("1001", "alice", "climate", 400), 60)
-    for bad in (forged, f"{forged.split('.')[0]}.{mac}", body + "." + mac[:-2] + "AA", "junk", ""):
+    flipped = mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB")  # never the MAC itself
+    for bad in (forged, f"{forged.split('.')[0]}.{mac}", f"{body}.{flipped}", "junk", ""):
         with pytest.raises(Unauthenticated):
             verify_token(key, bad)
     with pytest.raises(Unauthenticated, match="expired"):
