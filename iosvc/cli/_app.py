@@ -56,6 +56,18 @@ def _size(text: str | None) -> int | None:
     return None if text is None else parse_size(text)
 
 
+PullRootOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--pull-root",
+        help="Let the servers read files under this directory themselves for stage-in "
+        "(`iosvc stage --into-buffer` from a site under it): the data goes from the file system "
+        "straight into the buffer, not through the client. Repeatable; only for directories "
+        "the servers' user may expose to every client (in secure mode only admins may pull).",
+    ),
+]
+
+
 # ------------------------------------------------------------------ cluster
 @app.command()
 def up(
@@ -85,6 +97,7 @@ def up(
         bool,
         typer.Option(help="Require signed job tokens (makes a cluster key and an admin token)."),
     ] = False,
+    pull_root: PullRootOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
     tls_ca: TlsCaOpt = None,
@@ -126,6 +139,7 @@ def up(
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_ca=tls_ca,
+        pull_roots=[str(p) for p in pull_root or ()],
     )
     spec = cluster.start()
     console.print(f"started {servers} iosvc servers ({spec.storage}); cluster file {where}")
@@ -255,6 +269,7 @@ def serve(
     stream_idle_timeout: Annotated[
         float, typer.Option(help="Seconds a write stream may stay silent before it is cut.")
     ] = 60.0,
+    pull_root: PullRootOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
     tls_ca: TlsCaOpt = None,
@@ -307,6 +322,7 @@ def serve(
             inflight_limit=parse_size(inflight_limit),
             stream_idle_timeout=stream_idle_timeout,
             cluster_file=str(write_cluster_file) if write_cluster_file else None,
+            pull_roots=tuple(str(p) for p in pull_root or ()),
         )
     )
 

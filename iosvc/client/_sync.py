@@ -9,7 +9,7 @@ DataLoader workers fork still works inside them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from fsspec.asyn import get_loop, sync
@@ -99,6 +99,17 @@ class Client:
         progress: Callable[[int], None] | None = None,
     ) -> None:
         self._run(self.aio.put_file, local_path, path, progress)
+
+    def pull_files(
+        self,
+        files: Sequence[tuple[str | os.PathLike[str], str]],
+        **options: Any,
+    ) -> dict[str, IosvcError]:
+        """Server-side stage-in; see :meth:`AsyncClient.pull_files`."""
+        return self._run(self.aio.pull_files, files, **options)
+
+    def pull_probe(self, local_path: str | os.PathLike[str]) -> str | None:
+        return self._run(self.aio.pull_probe, local_path)
 
     def get_file(
         self,

@@ -49,6 +49,9 @@ class LocalCluster:
     tls_ca
         CA file clients and peers trust (default: ``tls_cert``, a self-signed certificate);
         recorded in the cluster file as ``tls_ca``.
+    pull_roots
+        Directories the servers may read for server-side stage-in (``iosvc serve
+        --pull-root``); none by default.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class LocalCluster:
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
+        pull_roots: list[str | os.PathLike[str]] | None = None,
     ) -> None:
         if servers < 1:
             raise ValueError("a cluster needs at least one server")
@@ -94,6 +98,7 @@ class LocalCluster:
         self.admin_token_file = self.workdir / "admin.token"
         self._admin_token: str | None = None
         self.startup_timeout = startup_timeout
+        self.pull_roots = [str(Path(p).resolve()) for p in pull_roots or ()]
         self.procs: list[subprocess.Popen[bytes] | None] = []
         self.addresses: list[str] = []
         self.spec: ClusterSpec | None = None
@@ -125,6 +130,8 @@ class LocalCluster:
             cmd += ["--key-file", str(self.key_file)]
         if self.tls_cert and self.tls_key and self.tls_ca:
             cmd += ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key, "--tls-ca", self.tls_ca]
+        for root in self.pull_roots:
+            cmd += ["--pull-root", root]
         return cmd + self.server_args
 
     def _ready_file(self, index: int) -> Path:

@@ -58,6 +58,8 @@ class ServerOptions:
     stream_idle_timeout: float = 60.0
     #: server 0 writes the cluster file here once every peer answers (multi-node clusters)
     cluster_file: str | None = None
+    #: directories server-side stage-in (``pull``) may read; empty: off
+    pull_roots: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.memory is not None and self.directory is not None:
@@ -91,6 +93,7 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
         tls_ca=(options.tls_ca or options.tls_cert) if options.tls_cert else None,
         inflight_limit=options.inflight_limit,
         stream_idle_timeout=options.stream_idle_timeout,
+        pull_roots=options.pull_roots,
     )
     await service.load()
     metrics.watch(service)

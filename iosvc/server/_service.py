@@ -39,6 +39,7 @@ from iosvc.server._auth import Authorizer, Caller
 from iosvc.server._budget import ByteBudget
 from iosvc.server._gate import IoGate
 from iosvc.server._namespace import Namespace, owner_user
+from iosvc.server._pull import PullFile, PullSource, parse_pull_files
 from iosvc.server._records import KIND_DIR, KIND_FILE, FileRecord, chunk_key, parse_chunk_key
 from iosvc.server._stores import ByteRange, ChunkStore
 
@@ -52,6 +53,8 @@ _MAX_BATCH = 4096
 READ_AHEAD = 4
 #: Default bytes of write requests a server holds at once (``--inflight-limit``).
 DEFAULT_INFLIGHT_LIMIT = 256 * 1024 * 1024
+#: Bytes one ``pull`` call may ask a server to read and store.
+MAX_PULL_BYTES = 64 * 1024 * 1024
 
 #: Operations that change how the server treats everyone (admin only once tokens are signed).
 ADMIN_OPS = frozenset({"configure", "policy_set", "quota_set"})
@@ -102,6 +105,9 @@ class IoService:
         Bytes of write requests held at once (back-pressure; None: unbounded).
     stream_idle_timeout
         Seconds a write stream may send nothing before it is cut (a stuck or dead client).
+    pull_roots
+        Directories of this server's file system that ``pull`` (server-side stage-in) may
+        read; empty: pulling is refused.
     """
 
     def __init__(
@@ -117,8 +123,12 @@ class IoService:
         tls_ca: str | None = None,
         inflight_limit: int | None = DEFAULT_INFLIGHT_LIMIT,
         stream_idle_timeout: float = 60.0,
+        pull_roots: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.store = store
+        self.pull_source = PullSource(pull_roots)
+        #: bytes stored from this server's own reads of its file system (``pull``)
+        self.pulled_bytes = 0
         self.budget = ByteBudget(inflight_limit)
         #: per-user quotas in bytes, cluster-wide (every server holds the same table)
         self.quotas: dict[str, int] = {}
@@ -160,6 +170,7 @@ class IoService:
             "quota_set": self._op_quota_set,
             "quota_show": self._op_quota_show,
             "usage": self._op_usage,
+            "pull": self._op_pull,
         }
 
     # ----------------------------------------------------------------- set-up
@@ -346,14 +357,18 @@ class IoService:
     async def _put_chunk(
         self, home: int, uid: str, key: str, payload: memoryview | bytes, checksum: int
     ) -> None:
-        trailer = checksum.to_bytes(_CK, "little")
+        await self._store_chunk(
+            home, uid, key, b"".join((payload, checksum.to_bytes(_CK, "little")))
+        )
+
+    async def _store_chunk(self, home: int, uid: str, key: str, value: bytes | bytearray) -> None:
+        """Store a chunk value (bytes + xxh3-64 trailer) of version ``uid``."""
         if uid in self._versions and await self.store.exists(key):
             # Chunks are write-once: a retry may resend the same bytes, but nobody may swap
             # the contents of a chunk a committed file (say, a published dataset) points at.
-            if (await self.store.get(key))[-_CK:] != trailer:
+            if (await self.store.get(key))[-_CK:] != value[-_CK:]:
                 raise AlreadyExists(f"chunk {key} exists with other contents")
             return
-        value = b"".join((payload, trailer))
         await self.store.set(key, value)
         self._track(uid, home, key, time.monotonic())
 
@@ -429,6 +444,66 @@ class IoService:
                     errors.append(_error_entry(exc))
                 offset += int(entry.get("s", 0)) if isinstance(entry, dict) else 0
         return {"errors": errors}, None
+
+    async def _op_pull(
+        self, header: dict[str, Any], payload: memoryview, who: Caller
+    ) -> tuple[dict[str, Any], Any]:
+        """Server-side stage-in: read chunks of files from this server's file system.
+
+        Each entry of ``files`` names a source file (absolute path, size and mtime in ns as the
+        client saw it, chunk size), the chunks of it this server holds (``[index, key,
+        xxh3-64]``) and optionally ``rec``, the record to commit here once they are stored (a
+        file homed here whose chunks all live here). An entry without chunks only checks that
+        this server sees the file as the client does. Reply: one error entry or None per file.
+        """
+        if self.auth.secure:
+            self.auth.require_admin(who, "'pull' (stage-in from the server's file system)")
+        entries = _list_arg(header, "files")
+        files = parse_pull_files(entries, MAX_PULL_BYTES)
+        self._require_configured()
+        records: list[FileRecord | None] = []
+        for entry, file in zip(entries, files, strict=True):
+            for chunk in file.chunks:
+                _, uid, index = parse_chunk_key(chunk.key)
+                if index != chunk.index:
+                    raise InvalidArgument(f"chunk key {chunk.key} is not chunk {chunk.index}")
+            raw = entry.get("rec") if isinstance(entry, dict) else None
+            records.append(FileRecord.from_wire(raw) if raw is not None else None)
+        nbytes = sum(
+            min(f.chunk_size, f.size - c.index * f.chunk_size) for f in files for c in f.chunks
+        )
+        errors: list[Any] = []
+        async with self.budget.hold(nbytes), self.gate.admit(who.identity, nbytes):
+            # The reads (pread from the page cache or the parallel file system) and their
+            # checksums run in a worker thread so the loop keeps serving other clients.
+            read = await asyncio.to_thread(self._pull_read, files)
+            for file, rec, values in zip(files, records, read, strict=True):
+                try:
+                    if isinstance(values, IosvcError):
+                        raise values
+                    if rec is not None:
+                        self._check_write(who, rec.path)
+                    for chunk, value in zip(file.chunks, values, strict=True):
+                        home, uid, _ = parse_chunk_key(chunk.key)
+                        await self._store_chunk(home, uid, chunk.key, value)
+                        self.pulled_bytes += len(value) - _CK
+                    if rec is not None:
+                        rec.owner = who.identity.to_wire()
+                        rec.mtime = time.time()
+                        await self._commit(rec)
+                    errors.append(None)
+                except IosvcError as exc:
+                    errors.append(_error_entry(exc))
+        return {"errors": errors}, None
+
+    def _pull_read(self, files: list[PullFile]) -> list[list[bytearray] | IosvcError]:
+        out: list[list[bytearray] | IosvcError] = []
+        for file in files:
+            try:
+                out.append(self.pull_source.read(file))
+            except IosvcError as exc:
+                out.append(exc)
+        return out
 
     async def _op_read_small(
         self, header: dict[str, Any], payload: memoryview, who: Caller
@@ -557,6 +632,8 @@ class IoService:
             "inflight_peak": self.budget.peak,
             "inflight_limit": self.budget.limit,
             "inflight_waiting": self.budget.waiting,
+            "pull_roots": list(self.pull_source.roots),
+            "pulled_bytes": self.pulled_bytes,
         }, None
 
     async def _op_configure(

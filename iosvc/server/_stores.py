@@ -66,11 +66,11 @@ class ChunkStore(ABC):
             )
 
     @abstractmethod
-    async def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+    async def get(self, key: str, byte_range: ByteRange | None = None) -> bytes | bytearray:
         """Return the value (or a range of it); ``NotFound`` if absent."""
 
     @abstractmethod
-    async def set(self, key: str, value: bytes) -> None:
+    async def set(self, key: str, value: bytes | bytearray) -> None:
         """Store ``value`` under ``key``, replacing any old value; ``QuotaExceeded`` if full."""
 
     @abstractmethod
@@ -94,9 +94,9 @@ class MemoryStore(ChunkStore):
 
     def __init__(self, capacity: int | None = None) -> None:
         super().__init__(capacity)
-        self._data: dict[str, bytes] = {}
+        self._data: dict[str, bytes | bytearray] = {}
 
-    async def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+    async def get(self, key: str, byte_range: ByteRange | None = None) -> bytes | bytearray:
         try:
             value = self._data[key]
         except KeyError:
@@ -105,10 +105,11 @@ class MemoryStore(ChunkStore):
             return value
         return value[byte_range.start : byte_range.start + byte_range.length]
 
-    async def set(self, key: str, value: bytes) -> None:
+    async def set(self, key: str, value: bytes | bytearray) -> None:
         old = self._data.get(key)
         self._check_room(len(value) - (len(old) if old is not None else 0))
-        self._data[key] = bytes(value) if not isinstance(value, bytes) else value
+        # A bytearray is kept as it is: the server builds it for this store and drops it.
+        self._data[key] = value if isinstance(value, bytes | bytearray) else bytes(value)
         self.used_bytes += len(value) - (len(old) if old is not None else 0)
 
     async def delete(self, key: str) -> int:
@@ -157,7 +158,7 @@ class LocalDirStore(ChunkStore):
         kind, _, rest = key.partition("/")
         return self.root / kind / rest.replace("/", "!")
 
-    async def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+    async def get(self, key: str, byte_range: ByteRange | None = None) -> bytes | bytearray:
         size = self._sizes.get(key)
         if size is None:
             raise NotFound(f"no chunk {key}")
@@ -177,7 +178,7 @@ class LocalDirStore(ChunkStore):
         except FileNotFoundError:
             raise NotFound(f"no chunk {key}") from None
 
-    async def set(self, key: str, value: bytes) -> None:
+    async def set(self, key: str, value: bytes | bytearray) -> None:
         old = self._sizes.get(key, 0)
         self._check_room(len(value) - old)
         if len(value) >= _THREAD_THRESHOLD:
@@ -187,7 +188,7 @@ class LocalDirStore(ChunkStore):
         self._sizes[key] = len(value)
         self.used_bytes += len(value) - old
 
-    def _write(self, key: str, value: bytes) -> None:
+    def _write(self, key: str, value: bytes | bytearray) -> None:
         target = self._path(key)
         tmp = self._tmp / uuid.uuid4().hex
         try:

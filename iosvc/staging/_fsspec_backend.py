@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import fsspec
 import xxhash
@@ -129,6 +129,73 @@ def _copy_large(
         sink.commit()
 
 
+def _pull_into_iosvc(
+    src: fsspec.AbstractFileSystem,
+    src_root: str,
+    dst: fsspec.AbstractFileSystem,
+    dst_root: str,
+    files: Sequence[FileEntry],
+    result: CopyResult,
+    progress: Callable[[int, int], None],
+    cancelled: Callable[[], bool] | None,
+) -> list[FileEntry]:
+    """Stage local files into iosvc with server-side reads; return the files left to copy.
+
+    When the iosvc servers mount the source (the parallel file system, or this machine for a
+    local cluster) and allow it (``--pull-root``), each server reads its own chunks: the data
+    never passes through this process. Every file is still read here once and hashed against
+    the manifest before it is committed, and the servers check every chunk they read against
+    this process's checksums. Files that cannot be pulled (servers that do not see the
+    source, or read it differently) are returned to be copied the ordinary way.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    from iosvc.client import IosvcFileSystem
+    from iosvc.placement import normalize_path
+
+    if not files or not isinstance(dst, IosvcFileSystem) or not isinstance(src, LocalFileSystem):
+        return list(files)
+    client = dst.client
+    first = posixpath.join(src_root, files[0].path)
+    if sync(dst.loop, client.pull_probe, first) is not None:
+        return list(files)  # pulling is off, or the servers do not see this file system
+    by_dest = {normalize_path(posixpath.join(dst_root, f.path)): f for f in files}
+    mismatched: set[str] = set()
+
+    def accept(dest: str, digest: Any) -> None:
+        entry = by_dest[dest]
+        got = f"{ALGORITHM}:{digest.hexdigest()}"
+        if got != entry.checksum:
+            mismatched.add(dest)
+            raise DataCorruption(
+                f"source file {entry.path} does not match its manifest ({got} != "
+                f"{entry.checksum}); not copied"
+            )
+
+    def done(dest: str, size: int) -> None:
+        result.copied += 1
+        result.bytes_copied += size
+        progress(size, 1)
+
+    pairs = [(posixpath.join(src_root, f.path), dest) for dest, f in by_dest.items()]
+    failed = sync(
+        dst.loop,
+        client.pull_files,
+        pairs,
+        hasher=xxhash.xxh3_128,
+        accept=accept,
+        on_done=done,
+        cancelled=cancelled,
+    )
+    retry = []
+    for dest, exc in failed.items():
+        if dest in mismatched:
+            result.failed[by_dest[dest].path] = str(exc)
+        else:
+            retry.append(by_dest[dest])
+    return retry
+
+
 def copy_files(
     source_url: str,
     destination_url: str,
@@ -164,6 +231,7 @@ def copy_files(
         result.bytes_skipped = sum(f.size for f in maybe_done if f.path in good)
         progress(result.bytes_skipped, len(good))
         to_copy += [f for f in maybe_done if f.path not in good]
+    to_copy = _pull_into_iosvc(src, src_root, dst, dst_root, to_copy, result, progress, cancelled)
     if not to_copy:
         return result
     _mkdirs(dst, dst_root, to_copy)
