@@ -11,7 +11,8 @@ read), as a stage-in from a parallel file system's client cache would; ``cp -r``
 fresh local directory, the stage writes into a 2-server memory-backed cluster, once with
 ``--verify full`` (everything read back and compared with the manifest) and once with
 ``--verify transfer`` (each byte hashed against the manifest as it is copied; the servers check
-every chunk's xxh3 on arrival).
+every chunk's xxh3 on arrival). A second peer, ``cp -r to tmpfs``, copies into ``/dev/shm``:
+DRAM, what a memory-backed burst buffer fills.
 
 Each mode runs twice: on a cluster whose servers may read the source tree themselves
 (``--pull-root``: server-side stage-in, the servers ``pread`` their chunks and check them
@@ -27,6 +28,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +72,21 @@ def make_tree(root: Path, total: int, small: int, seed: int = 0) -> tuple[int, i
     return small + large, nbytes
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of this process's children (cp) or of the given server processes."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def own_cpu() -> float:
+    self_, children = os.times()[:2], os.times()[2:4]
+    return sum(self_) + sum(children)
+
+
 def warm(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
@@ -84,11 +101,12 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10_000, help="small files")
     parser.add_argument("--quick", action="store_true", help="256 MiB, 2,000 small files")
     parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each copy (median)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
         args.size, args.small = 256, 2000
-    console = Console()
+    console = Console(width=120)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="iosvc-bench-staging-") as tmp:
         root = Path(tmp)
@@ -96,67 +114,96 @@ def main() -> None:
         src.mkdir(parents=True)
         files, nbytes = make_tree(src, args.size * MiB, args.small)
         warm(src)
-
-        start = time.perf_counter()
-        subprocess.run(["cp", "-r", str(src), str(root / "cp-copy")], check=True)
-        cp_s = time.perf_counter() - start
-        shutil.rmtree(root / "cp-copy")
-
         memory = args.size * MiB * 3 // args.servers + 512 * MiB
-        timings: dict[str, float] = {}
+        samples: dict[str, list[float]] = {"cp -r": [], "cp -r to tmpfs": []}
+        cpu: dict[str, list[float]] = {"cp -r": [], "cp -r to tmpfs": []}
+        shm = Path(tempfile.mkdtemp(prefix="iosvc-bench-staging-", dir="/dev/shm"))
         register_s = 0.0
-        # Two clusters: one whose servers may read the source tree themselves (--pull-root:
-        # server-side stage-in), one without (the client reads and pushes every byte).
-        for how, pull_roots in (("server pull", [src.parent]), ("client push", None)):
-            workdir = root / f"cluster-{how.split()[1]}"
-            with LocalCluster(
-                args.servers, memory=memory, workdir=workdir, pull_roots=pull_roots
-            ) as cluster:
-                assert cluster.spec is not None
-                cluster_file = workdir / "cluster.json"
-                cluster.spec.save(cluster_file)
-                os.environ["IOSVC_CLUSTER"] = str(cluster_file)
-                IosvcFileSystem.clear_instance_cache()  # fsspec cached the last cluster's
-                for mode in ("full", "transfer"):
-                    tag = f"{how.split()[1]}-{mode}"
-                    (root / f"sites-{tag}.toml").write_text(
-                        f'[sites.pfs]\nurl = "{root}/site"\nbuffer = "iosvc:///{mode}"\n'
-                    )
-                    with Catalog(root / f"catalog-{tag}.db") as catalog:
-                        stager = Stager(
-                            catalog, load_sites(root / f"sites-{tag}.toml"), verify=mode
+        for repeat in range(args.repeats):
+            start, cpu_start = time.perf_counter(), own_cpu()
+            subprocess.run(["cp", "-r", str(src), str(root / "cp-copy")], check=True)
+            samples["cp -r"].append(time.perf_counter() - start)
+            cpu["cp -r"].append(own_cpu() - cpu_start)
+            shutil.rmtree(root / "cp-copy")
+            # The same copy into DRAM (tmpfs), what a memory-backed burst buffer holds.
+            start, cpu_start = time.perf_counter(), own_cpu()
+            subprocess.run(["cp", "-r", str(src), str(shm / "cp-copy")], check=True)
+            samples["cp -r to tmpfs"].append(time.perf_counter() - start)
+            cpu["cp -r to tmpfs"].append(own_cpu() - cpu_start)
+            shutil.rmtree(shm / "cp-copy")
+            # Two clusters: one whose servers may read the source tree themselves
+            # (--pull-root: server-side stage-in), one without (the client reads and pushes
+            # every byte). Fresh server processes each repeat: every copy, cp -r's included,
+            # writes into memory it has not used before.
+            for how, pull_roots in (("server pull", [src.parent]), ("client push", None)):
+                workdir = root / f"cluster-{how.split()[1]}-{repeat}"
+                with LocalCluster(
+                    args.servers, memory=memory, workdir=workdir, pull_roots=pull_roots
+                ) as cluster:
+                    assert cluster.spec is not None
+                    cluster_file = workdir / "cluster.json"
+                    cluster.spec.save(cluster_file)
+                    os.environ["IOSVC_CLUSTER"] = str(cluster_file)
+                    IosvcFileSystem.clear_instance_cache()  # fsspec cached the last cluster's
+                    for mode in ("full", "transfer"):
+                        tag = f"{how.split()[1]}-{mode}-{repeat}"
+                        (root / f"sites-{tag}.toml").write_text(
+                            f'[sites.pfs]\nurl = "{root}/site"\nbuffer = "iosvc:///{mode}"\n'
                         )
-                        start = time.perf_counter()
-                        stager.register("ds", name="ds", site="pfs")
-                        register_s = time.perf_counter() - start
-                        start = time.perf_counter()
-                        # The dataset is verified at its site; time the stage-in step alone.
-                        result = stager._stage_one(
-                            catalog.dataset("ds"),
-                            stager._site_of("pfs:buffer"),
-                            "pfs:buffer",
-                            "pfs",
-                            "ds",
-                            None,
-                            source_site=stager.sites["pfs"],
-                        )
-                        timings[f"iosvc stage --verify {mode} ({how})"] = (
-                            time.perf_counter() - start
-                        )
-                        assert result.state == "verified", result
-    rows = {"cp -r": {"seconds": cp_s, "mb_per_s": nbytes / cp_s / 1e6}}
-    for name, seconds in timings.items():
-        rows[name] = {"seconds": seconds, "mb_per_s": nbytes / seconds / 1e6}
+                        with Catalog(root / f"catalog-{tag}.db") as catalog:
+                            stager = Stager(
+                                catalog, load_sites(root / f"sites-{tag}.toml"), verify=mode
+                            )
+                            start = time.perf_counter()
+                            stager.register("ds", name="ds", site="pfs")
+                            register_s = time.perf_counter() - start
+                            pids = [p.pid for p in cluster.procs if p is not None]
+                            cpu_start = own_cpu() + cpu_seconds(pids)
+                            start = time.perf_counter()
+                            # The dataset is verified at its site; time the stage-in alone.
+                            result = stager._stage_one(
+                                catalog.dataset("ds"),
+                                stager._site_of("pfs:buffer"),
+                                "pfs:buffer",
+                                "pfs",
+                                "ds",
+                                None,
+                                source_site=stager.sites["pfs"],
+                            )
+                            name = f"iosvc stage --verify {mode} ({how})"
+                            samples.setdefault(name, []).append(time.perf_counter() - start)
+                            cpu.setdefault(name, []).append(
+                                own_cpu() + cpu_seconds(pids) - cpu_start
+                            )
+                            assert result.state == "verified", result
+        shutil.rmtree(shm)
+    rows = {}
+    for name, seconds in samples.items():
+        median = statistics.median(seconds)
+        rows[name] = {
+            "seconds": median,
+            "mb_per_s": nbytes / median / 1e6,
+            "samples_s": seconds,
+            "cpu_s": statistics.median(cpu[name]),
+        }
     for row in rows.values():
         row["vs_cp"] = row["mb_per_s"] / rows["cp -r"]["mb_per_s"]
+        row["vs_cp_tmpfs"] = row["mb_per_s"] / rows["cp -r to tmpfs"]["mb_per_s"]
     table = Table(
         title=f"stage-in of {files} files, {nbytes / MiB:.0f} MiB ({args.servers} servers)"
     )
-    for col in ("system", "seconds", "MB/s", "vs cp -r"):
+    columns = ("system", "seconds (median)", "min-max", "MB/s", "vs cp -r", "vs tmpfs", "CPU s")
+    for col in columns:
         table.add_column(col)
     for name, row in rows.items():
         table.add_row(
-            name, f"{row['seconds']:.2f}", f"{row['mb_per_s']:.0f}", f"{row['vs_cp']:.2f}x"
+            name,
+            f"{row['seconds']:.2f}",
+            f"{min(row['samples_s']):.2f}-{max(row['samples_s']):.2f}",
+            f"{row['mb_per_s']:.0f}",
+            f"{row['vs_cp']:.2f}x",
+            f"{row['vs_cp_tmpfs']:.2f}x",
+            f"{row['cpu_s']:.2f}",
         )
     console.print(table)
     console.print(
@@ -171,6 +218,7 @@ def main() -> None:
             "bytes": nbytes,
             "small_files": args.small,
             "servers": args.servers,
+            "repeats": args.repeats,
         },
         "results": rows,
         "register_seconds": register_s,

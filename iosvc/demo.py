@@ -38,7 +38,10 @@ def main() -> None:
         work = Path(tmp)
         os.environ["IOSVC_CLUSTER"] = str(work / "cluster.json")
         console.rule("1. start a local cluster: 2 servers, 1 GiB of DRAM each")
-        sh("up", "--servers", "2", "--memory", "1GiB")
+        # --pull-root: the servers may read the demo's "parallel file systems" themselves,
+        # so step 7's stage-in goes from the file system straight into the buffer.
+        (work / "sites").mkdir()
+        sh("up", "--servers", "2", "--memory", "1GiB", "--pull-root", str(work / "sites"))
         try:
             run_steps(work)
         finally:
@@ -131,7 +134,7 @@ def demo_staging(work: Path, field: object) -> None:
     import numpy as np
 
     for site in ("hpc-a", "hpc-b"):
-        (work / "sites" / site).mkdir(parents=True)
+        (work / "sites" / site).mkdir(parents=True, exist_ok=True)
     dataset = work / "sites/hpc-a/era5-demo"
     dataset.mkdir()
     values = np.asarray(field)

@@ -190,6 +190,9 @@ def status(cluster_file: ClusterOpt = None) -> None:
             f"{s['uptime']:.0f} s",
         )
     console.print(table)
+    roots = sorted({r for s in servers for r in s.get("pull_roots") or ()})
+    if roots:
+        console.print(f"servers stage in from their file system under: {', '.join(roots)}")
     if not any(s.get("secure") for s in servers):
         console.print("open mode: identities are declared by clients, not verified")
     else:
