@@ -115,67 +115,80 @@ def main() -> None:
         files, nbytes = make_tree(src, args.size * MiB, args.small)
         warm(src)
         memory = args.size * MiB * 3 // args.servers + 512 * MiB
-        samples: dict[str, list[float]] = {"cp -r": [], "cp -r to tmpfs": []}
-        cpu: dict[str, list[float]] = {"cp -r": [], "cp -r to tmpfs": []}
+        samples: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         shm = Path(tempfile.mkdtemp(prefix="iosvc-bench-staging-", dir="/dev/shm"))
         register_s = 0.0
-        for repeat in range(args.repeats):
+
+        def record(name: str, seconds: float, cpu_s: float) -> None:
+            samples.setdefault(name, []).append(seconds)
+            cpu.setdefault(name, []).append(cpu_s)
+
+        def copy_with_cp(name: str, destination: Path) -> None:
             start, cpu_start = time.perf_counter(), own_cpu()
-            subprocess.run(["cp", "-r", str(src), str(root / "cp-copy")], check=True)
-            samples["cp -r"].append(time.perf_counter() - start)
-            cpu["cp -r"].append(own_cpu() - cpu_start)
-            shutil.rmtree(root / "cp-copy")
-            # The same copy into DRAM (tmpfs), what a memory-backed burst buffer holds.
-            start, cpu_start = time.perf_counter(), own_cpu()
-            subprocess.run(["cp", "-r", str(src), str(shm / "cp-copy")], check=True)
-            samples["cp -r to tmpfs"].append(time.perf_counter() - start)
-            cpu["cp -r to tmpfs"].append(own_cpu() - cpu_start)
-            shutil.rmtree(shm / "cp-copy")
-            # Two clusters: one whose servers may read the source tree themselves
-            # (--pull-root: server-side stage-in), one without (the client reads and pushes
-            # every byte). Fresh server processes each repeat: every copy, cp -r's included,
-            # writes into memory it has not used before.
-            for how, pull_roots in (("server pull", [src.parent]), ("client push", None)):
-                workdir = root / f"cluster-{how.split()[1]}-{repeat}"
-                with LocalCluster(
-                    args.servers, memory=memory, workdir=workdir, pull_roots=pull_roots
-                ) as cluster:
-                    assert cluster.spec is not None
-                    cluster_file = workdir / "cluster.json"
-                    cluster.spec.save(cluster_file)
-                    os.environ["IOSVC_CLUSTER"] = str(cluster_file)
-                    IosvcFileSystem.clear_instance_cache()  # fsspec cached the last cluster's
-                    for mode in ("full", "transfer"):
-                        tag = f"{how.split()[1]}-{mode}-{repeat}"
-                        (root / f"sites-{tag}.toml").write_text(
-                            f'[sites.pfs]\nurl = "{root}/site"\nbuffer = "iosvc:///{mode}"\n'
+            subprocess.run(["cp", "-r", str(src), str(destination)], check=True)
+            record(name, time.perf_counter() - start, own_cpu() - cpu_start)
+            shutil.rmtree(destination)
+            os.sync()  # its writeback must not run into the next copy's time
+
+        def stage(how: str, pull_roots: list[Path] | None, repeat: int) -> None:
+            """Both verify modes on a fresh cluster: with --pull-root (server-side stage-in)
+            or without (the client reads and pushes every byte)."""
+            nonlocal register_s
+            workdir = root / f"cluster-{how.split()[1]}-{repeat}"
+            with LocalCluster(
+                args.servers, memory=memory, workdir=workdir, pull_roots=pull_roots
+            ) as cluster:
+                assert cluster.spec is not None
+                cluster_file = workdir / "cluster.json"
+                cluster.spec.save(cluster_file)
+                os.environ["IOSVC_CLUSTER"] = str(cluster_file)
+                IosvcFileSystem.clear_instance_cache()  # fsspec cached the last cluster's
+                pids = [p.pid for p in cluster.procs if p is not None]
+                for mode in ("full", "transfer"):
+                    tag = f"{how.split()[1]}-{mode}-{repeat}"
+                    (root / f"sites-{tag}.toml").write_text(
+                        f'[sites.pfs]\nurl = "{root}/site"\nbuffer = "iosvc:///{mode}"\n'
+                    )
+                    with Catalog(root / f"catalog-{tag}.db") as catalog:
+                        stager = Stager(
+                            catalog, load_sites(root / f"sites-{tag}.toml"), verify=mode
                         )
-                        with Catalog(root / f"catalog-{tag}.db") as catalog:
-                            stager = Stager(
-                                catalog, load_sites(root / f"sites-{tag}.toml"), verify=mode
-                            )
-                            start = time.perf_counter()
-                            stager.register("ds", name="ds", site="pfs")
-                            register_s = time.perf_counter() - start
-                            pids = [p.pid for p in cluster.procs if p is not None]
-                            cpu_start = own_cpu() + cpu_seconds(pids)
-                            start = time.perf_counter()
-                            # The dataset is verified at its site; time the stage-in alone.
-                            result = stager._stage_one(
-                                catalog.dataset("ds"),
-                                stager._site_of("pfs:buffer"),
-                                "pfs:buffer",
-                                "pfs",
-                                "ds",
-                                None,
-                                source_site=stager.sites["pfs"],
-                            )
-                            name = f"iosvc stage --verify {mode} ({how})"
-                            samples.setdefault(name, []).append(time.perf_counter() - start)
-                            cpu.setdefault(name, []).append(
-                                own_cpu() + cpu_seconds(pids) - cpu_start
-                            )
-                            assert result.state == "verified", result
+                        start = time.perf_counter()
+                        stager.register("ds", name="ds", site="pfs")
+                        register_s = time.perf_counter() - start
+                        cpu_start = own_cpu() + cpu_seconds(pids)
+                        start = time.perf_counter()
+                        # The dataset is verified at its site; time the stage-in alone.
+                        result = stager._stage_one(
+                            catalog.dataset("ds"),
+                            stager._site_of("pfs:buffer"),
+                            "pfs:buffer",
+                            "pfs",
+                            "ds",
+                            None,
+                            source_site=stager.sites["pfs"],
+                        )
+                        record(
+                            f"iosvc stage --verify {mode} ({how})",
+                            time.perf_counter() - start,
+                            own_cpu() + cpu_seconds(pids) - cpu_start,
+                        )
+                        assert result.state == "verified", result
+
+        # Fresh processes and fresh directories each repeat: every copy, cp -r's included,
+        # writes into memory it has not used before. The order rotates between repeats: on
+        # this VM the first to touch memory after a pause pays more for its page faults.
+        systems = [
+            lambda r: copy_with_cp("cp -r", root / "cp-copy"),
+            # The same copy into DRAM (tmpfs), what a memory-backed burst buffer holds.
+            lambda r: copy_with_cp("cp -r to tmpfs", shm / "cp-copy"),
+            lambda r: stage("server pull", [src.parent], r),
+            lambda r: stage("client push", None, r),
+        ]
+        for repeat in range(args.repeats):
+            for k in range(len(systems)):
+                systems[(k + repeat) % len(systems)](repeat)
         shutil.rmtree(shm)
     rows = {}
     for name, seconds in samples.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import msgpack
@@ -308,3 +309,48 @@ def test_stage_into_a_buffer_that_pulls(
             assert client.read(f"{tmp_path.name}/again/large/six.bin") == files["large/six.bin"]
     finally:
         IosvcFileSystem.clear_instance_cache()
+
+
+def test_a_full_buffer_refuses_what_does_not_fit_and_keeps_serving(tmp_path: Path) -> None:
+    pfs = tmp_path / "pfs"
+    pfs.mkdir()
+    big, small = pfs / "big.bin", pfs / "small.bin"
+    big.write_bytes(os.urandom(12 * MiB))
+    small.write_bytes(os.urandom(1000))
+    with LocalCluster(2, memory=4 * MiB, workdir=tmp_path / "c", pull_roots=[pfs]) as cluster:
+        assert cluster.spec is not None
+        client = Client(cluster.spec)
+        failed = client.pull_files([(big, "full/big.bin"), (small, "full/small.bin")])
+        assert list(failed) == ["full/big.bin"]
+        assert isinstance(failed["full/big.bin"], OSError)  # QuotaExceeded is ENOSPC
+        assert not client.exists("full/big.bin")
+        assert client.read("full/small.bin") == small.read_bytes()
+        # What the refused file had stored was freed again.
+        assert sum(s["used"] for s in client.status()) < 64 * 1024
+
+
+def test_iosvc_put_lets_the_servers_read_what_they_mount(
+    puller: LocalCluster, client: Client, pfs: Path, tmp_path: Path, iosvc_cli: Any
+) -> None:
+    assert puller.spec is not None
+    cluster_file = tmp_path / "cluster.json"
+    puller.spec.save(cluster_file)
+    root = pfs / tmp_path.name
+    files = _tree(root)
+    before = _pulled(client)
+    proc = iosvc_cli(
+        "put", "-r", str(root), f"{tmp_path.name}/", "--cluster-file", str(cluster_file)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(files)} files read by the servers" in proc.stderr
+    assert _pulled(client) - before == sum(len(d) for d in files.values())
+    for rel, data in files.items():
+        assert client.read(f"{tmp_path.name}/{root.name}/{rel}") == data
+    # Outside the pull roots the same command pushes the bytes itself.
+    elsewhere = tmp_path / "local"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "sub" / "x.bin").write_bytes(b"pushed")
+    proc = iosvc_cli("put", "-r", str(elsewhere), "pushed/", "--cluster-file", str(cluster_file))
+    assert proc.returncode == 0, proc.stderr
+    assert "read by the servers" not in proc.stderr
+    assert client.read("pushed/local/sub/x.bin") == b"pushed"

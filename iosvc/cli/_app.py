@@ -376,17 +376,33 @@ def put(
             pairs.append((src, f"{remote.rstrip('/')}/{src.name}" if into_dir else remote))
         else:
             raise IosvcError(f"no such local file: {src}")
-    total = sum(p.stat().st_size for p, _ in pairs)
+    sizes = {dst: src.stat().st_size for src, dst in pairs}
+    total = sum(sizes.values())
+    pulled = 0
     with transfer_progress() as progress:
         task = progress.add_task("put", total=total, visible=total >= _PROGRESS_MIN)
-        small = {dst: src.read_bytes() for src, dst in pairs if src.stat().st_size <= 1 << 20}
-        if small:
-            client.write_many(small)
-            progress.update(task, advance=sum(len(v) for v in small.values()))
+        # Servers that mount these files read them themselves (--pull-root): no byte goes
+        # through this process. What they cannot pull is pushed below.
+        if pairs and client.pull_probe(pairs[0][0]) is None:
+            failed = client.pull_files(pairs, on_done=lambda _, n: progress.update(task, advance=n))
+            pulled = len(pairs) - len(failed)
+            pairs = [(src, dst) for src, dst in pairs if dst in failed]
+        batch: dict[str, bytes] = {}
         for src, dst in pairs:
-            if dst not in small:
+            if sizes[dst] > 1 << 20:
                 client.put_file(src, dst, progress=lambda n: progress.update(task, advance=n))
-    err_console.print(f"put {len(pairs)} files, {format_size(total)}")
+                continue
+            batch[dst] = src.read_bytes()  # small files go in batches, not one call each
+            if len(batch) >= 256 or sum(map(len, batch.values())) >= 64 << 20:
+                client.write_many(batch)
+                progress.update(task, advance=sum(len(v) for v in batch.values()))
+                batch = {}
+        if batch:
+            client.write_many(batch)
+            progress.update(task, advance=sum(len(v) for v in batch.values()))
+    if pulled:
+        err_console.print(f"{pulled} files read by the servers from their file system")
+    err_console.print(f"put {len(sizes)} files, {format_size(total)}")
 
 
 @app.command()
