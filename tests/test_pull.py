@@ -296,6 +296,8 @@ def test_stage_into_a_buffer_that_pulls(
                 ("beta:buffer", "verified"),
             ]
             assert _pulled(client) - before == sum(len(d) for d in files.values())
+            assert f"{len(files)} files read by the buffer's servers" in results[1].detail
+            assert "servers" not in results[0].detail  # the site copy was a plain one
             for rel, data in files.items():
                 assert client.read(f"{tmp_path.name}/ds/{rel}") == data
             # A source that no longer matches its manifest is refused, the others copied.

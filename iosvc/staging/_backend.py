@@ -95,6 +95,8 @@ class TaskStatus:
     error: str | None = None
     #: human-readable events (errors first) when the task failed or is stuck
     events: list[str] = field(default_factory=list)
+    #: how the bytes moved, when worth saying (e.g. read by the buffer's servers themselves)
+    note: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -49,6 +49,8 @@ class CopyResult:
     bytes_copied: int = 0
     bytes_skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    #: files the destination's iosvc servers read from the source themselves
+    pulled: int = 0
 
 
 def _mkdirs(fs: fsspec.AbstractFileSystem, root: str, files: Sequence[FileEntry]) -> None:
@@ -174,6 +176,7 @@ def _pull_into_iosvc(
 
     def done(dest: str, size: int) -> None:
         result.copied += 1
+        result.pulled += 1
         result.bytes_copied += size
         progress(size, 1)
 
@@ -361,6 +364,8 @@ class FsspecBackend:
                 return
             status.files_skipped = result.skipped
             status.bytes_skipped = result.bytes_skipped
+            if result.pulled:
+                status.note = f"{result.pulled} files read by the buffer's servers themselves"
             if result.failed:
                 status.state = "failed"
                 status.events = [f"{p}: {e}" for p, e in sorted(result.failed.items())]

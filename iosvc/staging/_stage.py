@@ -306,6 +306,8 @@ class Stager:
             )
         else:
             detail = self._verify(dataset, replica_site, dst_path, dst_url, backend, on_progress)
+        if status.note:
+            detail = f"{detail}; {status.note}"
         return StageResult(
             dataset.name,
             dataset.version,
