@@ -147,3 +147,58 @@ def test_admin_cli_policy_and_top(device_cluster: ClusterSpec, tmp_path: Path) -
         assert "throughput" in top and "target" in top
     finally:
         iosvc("policy", "set", "size-fair")
+
+
+@pytest.mark.parametrize(
+    ("scope", "expected_a"),
+    # A reads a file striped over both servers, B files that live on server 0 only. Per
+    # server (ThemisIO's model) server 0 halves and A moves as much again on server 1: 2/3.
+    # Cluster-wide the servers charge each other's service: equal aggregate shares.
+    [("server", 2 / 3), ("cluster", 1 / 2)],
+)
+def test_cluster_wide_job_fair_evens_out_a_striped_and_a_one_server_job(
+    tmp_path: Path, scope: str, expected_a: float
+) -> None:
+    args = ["--device-bandwidth", "60MB/s", "--policy", "job-fair"]
+    with LocalCluster(2, memory=256 * MiB, server_args=args, workdir=tmp_path) as cluster:
+        assert cluster.spec is not None
+        spec = cluster.spec
+        admin = Client(spec)
+        replies = admin.call_all(
+            {"op": "policy_set", "policy": {"policy": "job-fair", "scope": scope}}
+        )
+        assert all(("cluster-wide" in r["description"]) == (scope == "cluster") for r in replies)
+        admin.write("A/striped", os.urandom(8 * MiB))
+        pinned = [p for p in (f"B/f{i}" for i in range(64)) if admin.aio.placement.home(p) == 0]
+        admin.write_many({p: os.urandom(MiB) for p in pinned[:8]})
+        a, b = JobIdentity("A", "alice", "g1", 1), JobIdentity("B", "bob", "g2", 1)
+
+        async def reader(who: JobIdentity, paths: list[str], streams: int) -> None:
+            client = AsyncClient(spec, identity=who)
+            infos = [await client.info(p) for p in paths]
+            buffer = bytearray(8 * MiB)
+
+            async def loop(k: int) -> None:
+                while True:
+                    await client.read_into(infos[k % len(infos)], buffer)
+                    k += streams
+
+            await asyncio.gather(*(loop(k) for k in range(streams)))
+
+        async def measure() -> dict[str, int]:
+            tasks = [
+                asyncio.ensure_future(reader(a, ["A/striped"], 4)),
+                asyncio.ensure_future(reader(b, pinned[:8], 4)),
+            ]
+            await asyncio.sleep(1.5)
+            before = await asyncio.to_thread(_served, spec)
+            await asyncio.sleep(3.0)
+            after = await asyncio.to_thread(_served, spec)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return {job: after[job] - before.get(job, 0) for job in after}
+
+        got = asyncio.run(measure())
+    share_a = got["A"] / (got["A"] + got["B"])
+    assert share_a == pytest.approx(expected_a, abs=0.06)

@@ -74,6 +74,10 @@ _TABLE_OF_LEVEL = {"group": "groups", "user": "users", "job": "jobs"}
 P = TypeVar("P", bound="Policy")
 
 
+#: Where a policy's shares hold: per server, or for the cluster's aggregate.
+SCOPES = ("server", "cluster")
+
+
 class ShareLevel(NamedTuple):
     """One step of a share path: a node of the share tree and its weight among its siblings."""
 
@@ -254,6 +258,12 @@ class TreePolicy(Policy):
         others (default 0: none, plain SFQ). Bursty jobs then see their bursts served at full
         speed while long-running jobs keep their shares; it never exceeds what the job left
         unused, so a job cannot bank more than this by going idle on purpose.
+    scope
+        ``"server"`` (default): each server shares its own bandwidth by the policy, as
+        ThemisIO does. ``"cluster"``: servers also charge each job for what the others gave
+        it, so shares hold for the cluster's aggregate: a job striped over every server and a
+        job that hits one server get what the policy says of the whole cluster, where the
+        servers' load allows it (see ``FairScheduler.charge``).
     """
 
     op_cost: int = DEFAULT_OP_COST
@@ -261,6 +271,7 @@ class TreePolicy(Policy):
     groups: Mapping[str, float] = field(default_factory=dict)
     jobs: Mapping[str, float] = field(default_factory=dict)
     burst_credit: int = 0
+    scope: str = "server"
 
     _LEVELS: ClassVar[tuple[str, ...]] = ()
     #: whether a job's default weight is its node count (else 1)
@@ -277,6 +288,8 @@ class TreePolicy(Policy):
             raise InvalidArgument(
                 f"burst_credit: must be an integer >= 0 bytes, got {self.burst_credit!r}"
             )
+        if self.scope not in SCOPES:
+            raise InvalidArgument(f"scope: must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         for level, table in _TABLE_OF_LEVEL.items():
             weights = getattr(self, table)
             parsed = _weight_table(weights, table)
@@ -315,6 +328,8 @@ class TreePolicy(Policy):
         out: dict[str, Any] = {"policy": self.name, "op_cost": self.op_cost}
         if self.burst_credit:
             out["burst_credit"] = self.burst_credit
+        if self.scope != "server":
+            out["scope"] = self.scope
         for table in ("groups", "users", "jobs"):
             weights = getattr(self, table)
             if weights:
@@ -325,7 +340,7 @@ class TreePolicy(Policy):
     def from_options(cls: type[P], options: Mapping[str, Any]) -> P:
         _check_known_fields(
             options,
-            ("policy", "op_cost", "burst_credit", "groups", "users", "jobs"),
+            ("policy", "op_cost", "burst_credit", "scope", "groups", "users", "jobs"),
             f"policy {cls.name!r}",
         )
         kwargs: dict[str, Any] = {}
@@ -336,6 +351,8 @@ class TreePolicy(Policy):
                 kwargs["burst_credit"] = parse_size(options["burst_credit"])
             except ValueError as exc:
                 raise InvalidArgument(f"burst_credit: {exc}") from None
+        if "scope" in options:
+            kwargs["scope"] = options["scope"]
         for table in ("groups", "users", "jobs"):
             if table in options:
                 kwargs[table] = _weight_table(options[table], table)
@@ -349,7 +366,8 @@ class TreePolicy(Policy):
             overrides = "".join(f", {k}={v:g}" for k, v in sorted(table.items()))
             parts.append(f"{level}(weight {default}{overrides})")
         tree = " > ".join(parts) if parts else "one FIFO queue"
-        return f"{self.name}: {tree}; op_cost {format_size(self.op_cost)}"
+        scope = "; cluster-wide" if self.scope == "cluster" else ""
+        return f"{self.name}: {tree}; op_cost {format_size(self.op_cost)}{scope}"
 
 
 def _preset_with(level: str) -> str:

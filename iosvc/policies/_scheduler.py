@@ -77,6 +77,7 @@ class _Node:
 
     __slots__ = (
         "children",
+        "debt",
         "fifo",
         "finish",
         "heap",
@@ -121,6 +122,9 @@ class _Node:
         self.vtime = 0.0  # V: start tag of the child last picked (max finish tag when idle)
         self.max_finish = 0.0
         self.finish = 0.0  # F: finish tag in the parent's virtual time (tbf: next eligible time)
+        # Service charged from other servers (cluster-wide fairness) not yet added to this
+        # active child's start tag in its parent's heap; added when the child reaches the top.
+        self.debt = 0.0
         self.qbytes = 0  # queued bytes (leaves only)
         self.served_bytes = 0
         self.served_ops = 0
@@ -407,6 +411,9 @@ class FairScheduler(Generic[T]):
             heap = root.heap
             now = self._clock()
             start, _, leaf = heap[0]
+            while leaf.debt:
+                start = self._settle(heap, start, leaf)
+                start, _, leaf = heap[0]
             if start > _REBASE_AT:
                 root.vtime = start
                 self._rebase(root)
@@ -455,6 +462,58 @@ class FairScheduler(Generic[T]):
             when = self._root.heap[0][0]
             return when if when > now else now
         return now
+
+    def charge(self, identity: JobIdentity, nbytes: int, ops: int = 0, *, horizon: int) -> None:
+        """Charge a job for service it got elsewhere, as if this scheduler had served it.
+
+        Cluster-wide fairness: servers tell each other what each job got from them, and each
+        charges it here, so a job striped over many servers and one that hits a single server
+        converge to their shares of the aggregate, not of each server. Each node of the job's
+        path (job, user, group) moves its tag on by ``cost / weight``, as a local request
+        would; work conservation is untouched (a job alone here still gets everything here).
+
+        Parameters
+        ----------
+        identity
+            The job; a job with no node here (never seen, or reaped) is not charged: it is
+            not competing for this server.
+        nbytes, ops
+            Service it got elsewhere; the cost is ``nbytes + ops * op_cost``.
+        horizon
+            Bytes: no node's tag is moved more than ``horizon`` past its parent's virtual time
+            (virtual time counts bytes per unit of weight), so a job served heavily elsewhere
+            waits here for at most about ``horizon`` bytes per unit weight of the others'
+            service, and charges received while it was idle here cannot bank a penalty beyond
+            that. Servers pass a few exchange intervals' worth of their own service.
+        """
+        if self._tbf or self._mode == _FIFO:
+            return  # rate caps and FIFO have no shares to correct
+        leaf = self._leaves.get(self._route(identity))
+        if leaf is None:
+            return
+        cost = nbytes + ops * self._op_cost
+        node = leaf
+        while node is not self._root:
+            parent = node.parent
+            step = cost * node.inv_weight
+            limit = parent.vtime + horizon
+            if node.active():
+                # Its start tag sits in the parent's heap; settled lazily at the top.
+                tag = node.finish if node.finish > parent.vtime else parent.vtime
+                room = limit - tag - node.debt
+                if room > 0:
+                    node.debt += step if step < room else room
+            else:
+                finish = node.finish + step
+                node.finish = finish if finish < limit else max(node.finish, limit)
+            node = parent
+
+    def _settle(self, heap: list[tuple[float, int, _Node]], start: float, child: _Node) -> float:
+        """Move a child with debt to its later start tag; return the new tag."""
+        start += child.debt
+        child.debt = 0.0
+        heapreplace(heap, (start, child.order, child))
+        return start
 
     def set_policy(self, policy: Policy | Mapping[str, Any] | str) -> None:
         """Switch policy live, keeping every queued request.
@@ -665,6 +724,9 @@ class FairScheduler(Generic[T]):
         # Down: at each node take the active child with the smallest start tag; V := that tag.
         while heap:
             start, _, child = heap[0]
+            if child.debt:
+                self._settle(heap, start, child)
+                continue
             node.vtime = start
             if start > _REBASE_AT:
                 self._rebase(node)

@@ -60,6 +60,8 @@ class ServerOptions:
     cluster_file: str | None = None
     #: directories server-side stage-in (``pull``) may read; empty: off
     pull_roots: tuple[str, ...] = ()
+    #: seconds between exchanges of per-job service with the peers (cluster-wide policies)
+    fairness_interval: float = 0.1
 
     def __post_init__(self) -> None:
         if self.memory is not None and self.directory is not None:
@@ -142,13 +144,26 @@ async def serve(options: ServerOptions) -> None:
             except Exception:
                 log.exception("garbage collection failed")
 
+    async def fairness_loop() -> None:
+        # Only policies with scope = "cluster" use it; checked every round, so a live
+        # `iosvc policy set` turns it on or off.
+        while True:
+            await asyncio.sleep(options.fairness_interval)
+            if service.cluster_wide:
+                try:
+                    await service.exchange_service()
+                except Exception:
+                    log.exception("service exchange with peers failed")
+
     gc_task = asyncio.create_task(gc_loop())
+    fairness_task = asyncio.create_task(fairness_loop())
     announce = None
     if options.cluster_file and service.index == 0:
         announce = asyncio.create_task(_write_cluster_file(service, options))
     await stop.wait()
     log.info("stopping")
     gc_task.cancel()
+    fairness_task.cancel()
     if announce is not None:
         announce.cancel()
     await server.stop(grace=5)

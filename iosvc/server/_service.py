@@ -146,6 +146,10 @@ class IoService:
         self.drop_grace = drop_grace
         self.metrics_port: int | None = None
         self.started = time.time()
+        # Cluster-wide fairness: each peer's cumulative service per job at the last exchange,
+        # and this server's own total then (its service per interval sizes the horizon).
+        self._peer_served: dict[int, dict[JobIdentity, tuple[int, int]]] = {}
+        self._own_served = 0
         # Versions held here: uid -> (home, first-seen time, chunk keys, last confirmed live).
         self._versions: dict[str, _Version] = {}
         self._peer_channels: dict[int, grpc.aio.Channel] = {}
@@ -756,6 +760,57 @@ class IoService:
             "slots": self.gate.slots,
         }, None
 
+    # -------------------------------------------------- cluster-wide fairness
+    @property
+    def cluster_wide(self) -> bool:
+        """Whether the policy in force asks for shares of the cluster's aggregate."""
+        return getattr(self.gate.scheduler.policy, "scope", "server") == "cluster"
+
+    async def exchange_service(self) -> int:
+        """One round of cluster-wide fairness; returns the bytes charged.
+
+        Asks every peer what it granted each job so far (``stats``) and charges this server's
+        scheduler with the growth since the last round, so a job that other servers serve
+        well waits here behind jobs they do not serve. The horizon (how far a charge may put a
+        job behind) is twice what this server itself granted in the last round, at least
+        4 MiB: enough to absorb one round of charges, small enough that a job whose remote
+        service stopped is back within about a round.
+        """
+        if self.placement is None or len(self.peers) < 2:
+            return 0
+        peers = [i for i in range(len(self.peers)) if i != self.index]
+        replies = await asyncio.gather(
+            # A peer slower than this is skipped this round (a vanished host must not stall
+            # the exchange with the others).
+            *(self._peer_call(i, {"op": "stats"}, quiet=True, timeout=1.0) for i in peers)
+        )
+        total = sum(st.served_bytes for st in self.gate.jobs.values())
+        horizon = max(4 << 20, 2 * (total - self._own_served))
+        self._own_served = total
+        charged = 0
+        scheduler = self.gate.scheduler
+        for peer, reply in zip(peers, replies, strict=True):
+            if reply is None:
+                continue  # down or unreachable: no news is no charge
+            last = self._peer_served.get(peer, {})
+            now: dict[JobIdentity, tuple[int, int]] = {}
+            for row in reply.get("jobs") or ():
+                try:
+                    identity = JobIdentity.from_wire(row[:4])
+                    nbytes, ops = int(row[4]), int(row[5])
+                except (TypeError, ValueError, IndexError):
+                    continue
+                now[identity] = (nbytes, ops)
+                old_bytes, old_ops = last.get(identity, (0, 0))
+                if nbytes > old_bytes and peer in self._peer_served:
+                    scheduler.charge(
+                        identity, nbytes - old_bytes, max(0, ops - old_ops), horizon=horizon
+                    )
+                    charged += nbytes - old_bytes
+            # A peer seen for the first time (or restarted) is a baseline, not a charge.
+            self._peer_served[peer] = now
+        return charged
+
     # ------------------------------------------------- garbage of old versions
     async def _op_live_uids(
         self, header: dict[str, Any], payload: memoryview, who: Caller
@@ -807,8 +862,13 @@ class IoService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _peer_call(self, peer: int, header: dict[str, Any]) -> dict[str, Any] | None:
-        """Best effort server-to-server call; a down peer is caught up by its own GC."""
+    async def _peer_call(
+        self, peer: int, header: dict[str, Any], *, quiet: bool = False, timeout: float = 30
+    ) -> dict[str, Any] | None:
+        """Best effort server-to-server call; a down peer is caught up by its own GC.
+
+        ``quiet``: a failure is logged at debug level (calls made every fraction of a second).
+        """
         channel = self._peer_channels.get(peer)
         if channel is None:
             channel = wire.aio_channel(self.peers[peer], self.tls_ca)
@@ -818,9 +878,11 @@ class IoService:
         if token is not None:
             header = {**header, "tok": token, "id": None}
         try:
-            reply = await channel.unary_unary(wire.METHOD_CALL)(wire.pack(header), timeout=30)
+            reply = await channel.unary_unary(wire.METHOD_CALL)(wire.pack(header), timeout=timeout)
         except grpc.RpcError as exc:
-            log.warning("peer %s: %s", self.peers[peer], wire.error_from_rpc(exc))
+            (log.debug if quiet else log.warning)(
+                "peer %s: %s", self.peers[peer], wire.error_from_rpc(exc)
+            )
             return None
         return wire.unpack(reply)[0]
 
