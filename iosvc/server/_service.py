@@ -129,6 +129,8 @@ class IoService:
         self.pull_source = PullSource(pull_roots)
         #: bytes stored from this server's own reads of its file system (``pull``)
         self.pulled_bytes = 0
+        #: chunk pieces same-host clients were told to read in place
+        self.in_place_reads = 0
         self.budget = ByteBudget(inflight_limit)
         #: per-user quotas in bytes, cluster-wide (every server holds the same table)
         self.quotas: dict[str, int] = {}
@@ -273,6 +275,9 @@ class IoService:
                 if not 0 <= length <= wire.MAX_CHUNK_SIZE:
                     raise InvalidArgument(f"chunk length {length} out of range")
                 parsed.append((key, start, length, bool(whole)))
+            # A client on this host (same boot id) may read chunk files in place: the server
+            # still admits every chunk in policy order, then answers with where it lies.
+            in_place = wire.host_id() is not None and header.get("host") == wire.host_id()
             # Keep READ_AHEAD chunks of this stream queued at the gate: a stream is then
             # backlogged like a client with several requests in flight, so the policy can give
             # it its share, and the device never idles between two chunks.
@@ -281,7 +286,9 @@ class IoService:
             try:
                 while True:
                     while len(pending) < READ_AHEAD and (item := next(todo, None)) is not None:
-                        pending.append(asyncio.ensure_future(self._read_one(identity, *item)))
+                        pending.append(
+                            asyncio.ensure_future(self._read_one(identity, *item, in_place))
+                        )
                     if not pending:
                         break
                     yield await pending.popleft()
@@ -294,10 +301,13 @@ class IoService:
             await self._abort(context, exc)
 
     async def _read_one(
-        self, identity: JobIdentity, i: int, chunk: tuple[str, int, int, bool]
+        self, identity: JobIdentity, i: int, chunk: tuple[str, int, int, bool], in_place: bool
     ) -> bytes:
         key, start, length, whole = chunk
         async with self.gate.admit(identity, length):
+            if in_place and (path := self.store.local_path(key)) is not None:
+                self.in_place_reads += 1
+                return wire.pack({"i": i, "path": path})
             if not whole:
                 part = await self.store.get(key, ByteRange(start, length))
                 return wire.pack({"i": i}, part)
@@ -638,6 +648,7 @@ class IoService:
             "inflight_waiting": self.budget.waiting,
             "pull_roots": list(self.pull_source.roots),
             "pulled_bytes": self.pulled_bytes,
+            "in_place_reads": self.in_place_reads,
         }, None
 
     async def _op_configure(

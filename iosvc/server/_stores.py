@@ -58,6 +58,12 @@ class ChunkStore(ABC):
         """Bytes that can still be stored, or None when unbounded."""
         return None if self.capacity is None else max(0, self.capacity - self.used_bytes)
 
+    def local_path(self, key: str) -> str | None:
+        """A file holding ``key``'s value that a client on this host may read itself, or
+        None if this store keeps values where no other process can read them (memory).
+        ``NotFound`` if the key is absent."""
+        return None
+
     def _check_room(self, extra: int) -> None:
         if self.capacity is not None and self.used_bytes + extra > self.capacity:
             raise QuotaExceeded(
@@ -142,6 +148,9 @@ class LocalDirStore(ChunkStore):
         super().__init__(capacity)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # Only the server's user (and so same-user clients reading chunks in place) may look
+        # inside: other users go through the server, which checks what they may read.
+        self.root.chmod(0o700)
         self._tmp = self.root / ".tmp"
         shutil.rmtree(self._tmp, ignore_errors=True)  # leftovers of a crash mid-write
         self._tmp.mkdir()
@@ -152,6 +161,11 @@ class LocalDirStore(ChunkStore):
                 size = path.stat().st_size
                 self._sizes[key] = size
                 self.used_bytes += size
+
+    def local_path(self, key: str) -> str | None:
+        if key not in self._sizes:
+            raise NotFound(f"no chunk {key}")
+        return str(self._path(key))
 
     def _path(self, key: str) -> Path:
         # Two levels only (kind/flattened-rest) so deleting values never leaves empty dirs.

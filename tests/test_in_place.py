@@ -1,0 +1,113 @@
+"""Reads in place: same-host clients read chunk files themselves after the server admits them.
+
+Real servers on local-disk stores (``--dir``), real files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from iosvc.client import Client
+from iosvc.errors import DataCorruption, NotFound
+from iosvc.identity import JobIdentity
+from iosvc.server import LocalCluster
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def disk_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    root = tmp_path_factory.mktemp("in-place")
+    with LocalCluster(2, directory=root / "data", workdir=root / "work") as cluster:
+        yield cluster
+
+
+def _in_place(client: Client) -> int:
+    return sum(s["in_place_reads"] for s in client.status())
+
+
+def test_same_host_reads_go_in_place_and_match(
+    disk_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert disk_cluster.spec is not None
+    who = JobIdentity("77", "ann", "g", 2)
+    client = Client(disk_cluster.spec, identity=who)
+    data = os.urandom(5 * MiB + 123)
+    client.write("ip/data", data)
+    before = _in_place(client)
+    assert client.read("ip/data") == data
+    assert client.read("ip/data", 1000, 3 * MiB + 7) == data[1000 : 3 * MiB + 7]
+    info = client.info("ip/data")
+    buffer = bytearray(len(data))
+    assert client._run(client.aio.read_into, info, buffer) == len(data)
+    assert bytes(buffer) == data
+    assert _in_place(client) - before == 6 + 4 + 6  # chunk pieces of the three reads
+    # Every piece was still admitted by the servers' schedulers, charged to the job.
+    served = sum(
+        row[4] for s in client.call_all({"op": "stats"}) for row in s["jobs"] if row[0] == "77"
+    )
+    assert served >= 2 * len(data) + (3 * MiB + 7 - 1000)
+    # Turned off, the same reads come through gRPC.
+    monkeypatch.setenv("IOSVC_READ_IN_PLACE", "0")
+    before = _in_place(client)
+    assert client.read("ip/data") == data
+    assert _in_place(client) == before
+
+
+def test_a_corrupt_chunk_file_is_caught_in_place(disk_cluster: LocalCluster) -> None:
+    assert disk_cluster.spec is not None and disk_cluster.directory is not None
+    client = Client(disk_cluster.spec)
+    data = os.urandom(2 * MiB)
+    client.write("ip/corrupt", data)
+    uid = client.info("ip/corrupt")["version"]
+    files = [p for p in disk_cluster.directory.rglob(f"*{uid}*")]
+    assert len(files) == 2
+    raw = bytearray(files[0].read_bytes())
+    raw[100] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    with pytest.raises(DataCorruption, match="failed its checksum"):
+        client.read("ip/corrupt")
+
+
+def test_a_chunk_file_gone_from_under_the_server_is_a_clear_error(
+    disk_cluster: LocalCluster,
+) -> None:
+    assert disk_cluster.spec is not None and disk_cluster.directory is not None
+    client = Client(disk_cluster.spec)
+    client.write("ip/gone", os.urandom(3 * MiB))
+    uid = client.info("ip/gone")["version"]
+    victim = next(iter(disk_cluster.directory.rglob(f"*{uid}!1")))
+    victim.unlink()
+    # In place the file is missing; the read falls back to the server, which says so.
+    with pytest.raises(NotFound, match="removed or replaced during read"):
+        client.read("ip/gone")
+
+
+def test_memory_servers_send_bytes_as_before(client: Client, prefix: str) -> None:
+    before = _in_place(client)
+    data = os.urandom(3 * MiB)
+    client.write(f"{prefix}/m", data)
+    assert client.read(f"{prefix}/m") == data
+    assert _in_place(client) == before
+
+
+def test_store_directories_are_private_to_the_server_user(disk_cluster: LocalCluster) -> None:
+    assert disk_cluster.directory is not None
+    for server_dir in Path(disk_cluster.directory).iterdir():
+        assert server_dir.stat().st_mode & 0o077 == 0
+
+
+def test_read_into_lets_go_of_the_callers_buffer(
+    disk_cluster: LocalCluster, client: Client, prefix: str
+) -> None:
+    """A reused buffer must not stay exported after a read (dataloaders pool them)."""
+    assert disk_cluster.spec is not None
+    for c in (client, Client(disk_cluster.spec)):  # memory servers, then in place
+        c.write(f"{prefix}/b", os.urandom(3 * MiB))
+        buffer = bytearray(3 * MiB)
+        c._run(c.aio.read_into, c.info(f"{prefix}/b"), buffer)
+        buffer.extend(b"x")  # BufferError while a memoryview of it is alive
