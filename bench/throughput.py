@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -501,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=64 * MiB, help="read_into window bytes")
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="256 MiB, 4,000 files, 3 repeats")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        help="servers keep chunks in files under DIR (e.g. /dev/shm/x: DRAM), so this "
+        "same-host client reads them in place; default: memory stores",
+    )
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     if args.quick:
@@ -517,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, Any] = {}
     cpu: dict[str, Any] = {}
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="iosvc-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="iosvc-bench-") as tmp, contextlib.ExitStack() as stack:
         # ---- machine limits, same run
         # Raw TCP is sampled before and after the iosvc phases (the machine may be shared),
         # at least 1 GiB per sample so slow start and buffer autotuning do not dominate.
@@ -539,7 +547,14 @@ def main(argv: list[str] | None = None) -> int:
         per_server = 2 * args.size + args.small_files * args.small_size * 2 + GiB
         cluster_file = Path(tmp) / "cluster.json"
         print(f"iosvc: {args.servers}-server local cluster ...", file=sys.stderr)
-        with LocalCluster(args.servers, memory=per_server) as cluster:
+        store_dir = Path(tmp) / "store"
+        if args.dir:  # a directory of ours under DIR, removed with the temporary one
+            store_dir = Path(tempfile.mkdtemp(prefix="iosvc-bench-", dir=args.dir))
+            stack.callback(shutil.rmtree, store_dir, True)
+        where: dict[str, Any] = (
+            {"directory": store_dir, "capacity": per_server} if args.dir else {"memory": per_server}
+        )
+        with LocalCluster(args.servers, **where) as cluster:
             assert cluster.spec is not None
             cluster.spec.save(cluster_file)
             meter = CpuMeter(cluster.spec.pids)
@@ -601,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             "io_chunk": IO_CHUNK,
             "tcp_bytes_per_sample": tcp.nbytes,
             "quick": args.quick,
+            "store": f"dir {args.dir} (reads in place)" if args.dir else "memory",
             "units": "bps = bytes/s (1 GB = 1e9 B); ops = files/s; median/min/max of repeats",
         },
         "provenance": provenance(),

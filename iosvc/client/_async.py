@@ -386,7 +386,11 @@ class AsyncClient:
 
         await self._fetch(info, start, end, keep)
         if len(parts) == 1:
-            return bytes(next(iter(parts.values())))
+            (part,) = parts.values()
+            whole = part.obj
+            if isinstance(whole, bytes) and len(whole) == part.nbytes:
+                return whole  # read in place: already its own bytes object, no copy
+            return bytes(part)
         return b"".join(parts[k] for k in sorted(parts))
 
     async def read_into(
@@ -525,9 +529,11 @@ class AsyncClient:
         except OSError:
             return None  # removed meanwhile (replaced file past its grace)
         try:
-            if view is None:
-                view = memoryview(bytearray(length))
-            got = os.preadv(fd, [view], start)
+            if view is None:  # a new bytes object, not zero-filled first as a bytearray is
+                view = memoryview(os.pread(fd, length, start))
+                got = len(view)
+            else:
+                got = os.preadv(fd, [view], start)
         except OSError:
             return None
         finally:
