@@ -19,10 +19,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import signal
 import statistics
@@ -33,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import machine, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -354,12 +353,7 @@ def main() -> None:
         "peak_rss_bytes_per_server": rss_peak,
         "memory_limit_bytes": INFLIGHT_LIMIT + STATED_OVERHEAD,
         "memory_limit_note": "in-flight limit (128 MiB) + stated overhead (256 MiB); data on disk",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
+        "machine": machine(load_before),
     }
     table = Table(
         title=f"reliability: {args.clients} clients, {seconds:.0f} s, {len(recoveries)} kills"
@@ -388,10 +382,7 @@ def main() -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
+    write_json(args.json, out, console)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ through gRPC), so the table shows what the server-side path buys.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -36,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import machine, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -238,17 +237,9 @@ def main() -> None:
         "verified": True,
         "target_vs_cp": 0.5,
         "meets_target": {name: row["vs_cp"] >= 0.5 for name, row in rows.items()},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-        },
+        "machine": machine(load_before),
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
+    write_json(args.json, out, console)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ import os
 import uuid
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import grpc
 import xxhash
 
 from iosvc import wire
 from iosvc._malloc import tune_client_malloc
+from iosvc.client import _pull
 from iosvc.config import ClusterSpec
 from iosvc.errors import (
     ERROR_BY_NAME,
@@ -36,9 +37,6 @@ from iosvc.errors import (
 )
 from iosvc.identity import JobIdentity, read_claims, token_from_env
 from iosvc.placement import Placement, normalize_path
-
-if TYPE_CHECKING:
-    from iosvc.client._pull import Hasher
 
 __all__ = ["AsyncClient", "AsyncWriter", "FileInfo"]
 
@@ -656,56 +654,9 @@ class AsyncClient:
             await writer.abort()
             raise
 
-    async def pull_files(
-        self,
-        files: Sequence[tuple[str | os.PathLike[str], str]],
-        *,
-        hasher: Callable[[], Hasher] | None = None,
-        accept: Callable[[str, Hasher | None], None] | None = None,
-        on_done: Callable[[str, int], None] | None = None,
-        cancelled: Callable[[], bool] | None = None,
-    ) -> dict[str, IosvcError]:
-        """Stage local files in by having the servers read them (server-side stage-in).
-
-        For ``(local_path, path)`` pairs on a file system every server mounts (the parallel
-        file system; the same machine for a local cluster), this client reads each file once
-        to checksum it and each server reads and stores its own chunks: no data goes through
-        this process or gRPC. The servers must allow the directory (``iosvc serve
-        --pull-root``); :meth:`pull_probe` says whether they see a file as this client does.
-
-        Parameters
-        ----------
-        files
-            ``(local_path, path)`` pairs: the source and the iosvc path to create.
-        hasher
-            Factory of a hash object (e.g. ``xxhash.xxh3_128``) fed every byte of a file as
-            this client reads it, for a check against a manifest.
-        accept
-            Called with ``(path, hash object)`` before a file is committed; raise an
-            :class:`~iosvc.errors.IosvcError` to refuse the file (nothing becomes visible).
-        on_done
-            Called with ``(path, size)`` as each file becomes visible.
-        cancelled
-            Asked between batches and segments; True stops with
-            :class:`~iosvc.errors.Cancelled` (committed files stay, the rest is freed).
-
-        Returns
-        -------
-        dict
-            The files that failed, ``path -> error`` (empty when all are in).
-        """
-        from iosvc.client._pull import pull_files
-
-        return await pull_files(
-            self, files, hasher=hasher, accept=accept, on_done=on_done, cancelled=cancelled
-        )
-
-    async def pull_probe(self, local_path: str | os.PathLike[str]) -> str | None:
-        """None if every server can pull ``local_path`` (sees it as this client does), else
-        why not (pulling off, outside a server's roots, not the same file system)."""
-        from iosvc.client._pull import pull_probe
-
-        return await pull_probe(self, os.fspath(local_path))
+    # Server-side stage-in: the servers read the files themselves (``iosvc/client/_pull.py``).
+    pull_files = _pull.pull_files
+    pull_probe = _pull.pull_probe
 
     async def get_file(
         self,

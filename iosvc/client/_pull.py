@@ -113,8 +113,9 @@ def _hash_segment(fd: int, src: _Source, first: int, count: int, chunk_size: int
     return out
 
 
-async def pull_probe(client: AsyncClient, local_path: str) -> str | None:
-    """None if every server sees ``local_path`` as this client does, else why not."""
+async def pull_probe(client: AsyncClient, local_path: str | os.PathLike[str]) -> str | None:
+    """None if every server can pull ``local_path`` (sees it as this client does), else why
+    not (pulling off, outside a server's roots, not the same file system)."""
     src = _Source("", os.path.abspath(local_path))
     try:
         os.close(_open(src))
@@ -141,7 +142,35 @@ async def pull_files(
     on_done: Callable[[str, int], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, IosvcError]:
-    """Implementation of :meth:`AsyncClient.pull_files` (see there)."""
+    """Stage local files in by having the servers read them (server-side stage-in).
+
+    For ``(local_path, path)`` pairs on a file system every server mounts (the parallel file
+    system; the same machine for a local cluster), this client reads each file once to
+    checksum it and each server reads and stores its own chunks: no data goes through this
+    process or gRPC. The servers must allow the directory (``iosvc serve --pull-root``);
+    :meth:`AsyncClient.pull_probe` says whether they see a file as this client does.
+
+    Parameters
+    ----------
+    files
+        ``(local_path, path)`` pairs: the source and the iosvc path to create.
+    hasher
+        Factory of a hash object (e.g. ``xxhash.xxh3_128``) fed every byte of a file as this
+        client reads it, for a check against a manifest.
+    accept
+        Called with ``(path, hash object)`` before a file is committed; raise an
+        :class:`~iosvc.errors.IosvcError` to refuse the file (nothing becomes visible).
+    on_done
+        Called with ``(path, size)`` as each file becomes visible.
+    cancelled
+        Asked between batches and segments; True stops with
+        :class:`~iosvc.errors.Cancelled` (committed files stay, the rest is freed).
+
+    Returns
+    -------
+    dict
+        The files that failed, ``path -> error`` (empty when all are in).
+    """
     chunk_size = client.chunk_size
     sources = [_Source(normalize_path(dest), os.path.abspath(local)) for local, dest in files]
     failures: dict[str, IosvcError] = {}

@@ -409,14 +409,15 @@ class IoService:
     ) -> tuple[dict[str, Any], Any]:
         rec = FileRecord.from_wire(header.get("rec"))
         self._check_write(who, rec.path)
-        rec.owner = who.identity.to_wire()
-        rec.mtime = time.time()
         async with self.gate.admit(who.identity, 0):
-            old = await self._commit(rec)
+            old = await self._commit(rec, who)
         return {"old": old.uid if old else None}, None
 
-    async def _commit(self, rec: FileRecord) -> FileRecord | None:
-        """Install a new file version; free the one it replaces; never replace a directory."""
+    async def _commit(self, rec: FileRecord, who: Caller) -> FileRecord | None:
+        """Install a new file version owned by ``who``; free the one it replaces; never
+        replace a directory."""
+        rec.owner = who.identity.to_wire()
+        rec.mtime = time.time()
         existing = self.namespace.get(rec.path)
         if existing is not None and existing.kind == KIND_DIR:
             raise IsADirectory(f"{rec.path} is a directory")
@@ -450,9 +451,7 @@ class IoService:
                         assert self.index is not None
                         key = chunk_key(self.index, rec.uid, 0)
                         await self._put_chunk(self.index, rec.uid, key, data, rec.checksums[0])
-                    rec.owner = who.identity.to_wire()
-                    rec.mtime = time.time()
-                    await self._commit(rec)
+                    await self._commit(rec, who)
                     errors.append(None)
                 except IosvcError as exc:
                     errors.append(_error_entry(exc))
@@ -502,9 +501,7 @@ class IoService:
                         await self._store_chunk(home, uid, chunk.key, value)
                         self.pulled_bytes += len(value) - _CK
                     if rec is not None:
-                        rec.owner = who.identity.to_wire()
-                        rec.mtime = time.time()
-                        await self._commit(rec)
+                        await self._commit(rec, who)
                     errors.append(None)
                 except IosvcError as exc:
                     errors.append(_error_entry(exc))
