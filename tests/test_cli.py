@@ -106,3 +106,19 @@ def test_help_explains_commands() -> None:
     for command in ("up", "down", "status", "serve", "ls", "put", "get", "cat", "rm", "du"):
         assert command in out
     assert "--device-bandwidth" in iosvc("serve", "--help", env={}).stdout
+
+
+def test_up_with_a_pull_root_stages_in_through_the_servers(tmp_path: Path) -> None:
+    env = {"IOSVC_CLUSTER": str(tmp_path / "cluster.json"), "COLUMNS": "400"}
+    pfs = tmp_path / "pfs"
+    (pfs / "ds").mkdir(parents=True)
+    (pfs / "ds" / "x.bin").write_bytes(os.urandom(2 << 20))
+    iosvc("up", "--servers", "2", "--memory", "64MiB", "--pull-root", str(pfs), env=env)
+    try:
+        assert f"stage in from their file system under: {pfs}" in iosvc("status", env=env).stdout
+        put = iosvc("put", "-r", str(pfs / "ds"), "in/", env=env)
+        assert "1 files read by the servers" in put.stderr
+        iosvc("get", "in/ds/x.bin", str(tmp_path / "back.bin"), env=env)
+        assert (tmp_path / "back.bin").read_bytes() == (pfs / "ds" / "x.bin").read_bytes()
+    finally:
+        iosvc("down", env=env)
