@@ -48,6 +48,8 @@ class Hosts:
                 str(self.root / f"data{i}"),
                 "--write-cluster-file",
                 str(self.cluster_file),
+                "--pull-root",  # the "parallel file system" every host mounts
+                str(self.root / "pfs"),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -101,6 +103,40 @@ def test_cluster_file_and_striping_across_hosts(hosts: Hosts) -> None:
     (hosts.root / "digest").write_text(digest)
     assert servers == "[0, 1, 2]"
     assert all(u > 4 << 20 for u in json.loads(used))  # every host holds a third of the chunks
+
+
+PULL = """
+import os, sys
+from iosvc.client import Client
+c = Client()
+pfs = sys.argv[1]
+files = [(os.path.join(pfs, f"f{i}.bin"), f"mh/pulled/f{i}.bin") for i in range(8)]
+for i, (local, _) in enumerate(files):
+    with open(local, "wb") as f:
+        f.write(os.urandom((i + 1) * (1 << 20) + i))
+assert c.pull_probe(files[0][0]) is None, c.pull_probe(files[0][0])
+assert c.pull_files(files) == {}
+for local, path in files:
+    assert c.read(path) == open(local, "rb").read()
+print([s["pulled_bytes"] for s in c.status()])
+"""
+
+
+def test_servers_on_every_host_stage_in_from_the_shared_file_system(hosts: Hosts) -> None:
+    (hosts.root / "pfs").mkdir(exist_ok=True)
+    pfs = str(hosts.root / "pfs")
+    env = {**os.environ, "IOSVC_CLUSTER": str(hosts.cluster_file)}
+    out = subprocess.run(
+        ["ip", "netns", "exec", hosts.net.names[SERVERS], sys.executable, "-c", PULL, pfs],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    pulled = json.loads(out.stdout.strip())
+    assert sum(pulled) == sum((i + 1) * (1 << 20) + i for i in range(8))
+    assert all(p > 0 for p in pulled)  # each host read its own chunks
 
 
 READ_LOOP = """
