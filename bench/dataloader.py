@@ -12,19 +12,23 @@ Datasets (made here, deterministic; nothing downloaded):
   formula: sines plus N(0, 0.05) noise) plus an int label; 1 GiB (128 MiB with ``--quick``).
 
 Systems: ``iosvc-local`` (dataloaders.StreamingDataset on local disk), ``iosvc-remote`` (the
-same shards on a 2-server iosvc cluster started here), ``files`` (one file per sample,
-map-style Dataset), ``webdataset`` (tar shards), ``mosaicml-streaming`` (MDS) and
-``litdata``. Each system writes the data its own way, then is read for one shuffled epoch in
-a fresh process by ``DataLoader(batch_size=256, num_workers=2)`` (each system's own loader
-class where it has one). MosaicML streaming and LitData import torchvision, which does not load
-beside this project's torch 2.13.0 CPU wheel, so they run in a separate venv (torch 2.14.1 +
-torchvision 0.29.1 from this machine's wheels): ``--make-peer-venv`` builds it and
-``--peer-python`` points at it (default: ``~/.cache/iosvc/bench-dataloader-venv``).
+same shards on a 2-server iosvc cluster started here, DRAM store: every byte through gRPC),
+``iosvc-remote-dir`` (the same on 2 servers with a ``--dir`` store on this machine's disk: the
+client reads the chunk files in place, as it does from any server on its own host),
+``files`` (one file per sample, map-style Dataset), ``webdataset`` (tar shards),
+``mosaicml-streaming`` (MDS) and ``litdata``. Each system writes the data its own way, then
+is read for one shuffled epoch in a fresh process by ``DataLoader(batch_size=256,
+num_workers=2)`` (each system's own loader class where it has one). MosaicML streaming and
+LitData import torchvision, which does not load beside this project's torch 2.13.0 CPU wheel,
+so they run in a separate venv (torch 2.14.1 + torchvision 0.29.1 from this machine's wheels):
+``--make-peer-venv`` builds it and ``--peer-python`` points at it (default:
+``~/.cache/iosvc/bench-dataloader-venv``).
 
 Each cell: samples/s and MB/s (payload bytes delivered per second) over the whole epoch
 including start-up, time to first batch, peak RSS of the reader and its workers (sum, sampled
 every 20 ms), bytes on disk (or on the iosvc servers), or ``error``. The machine has 2 cores;
-the iosvc servers share them with the reader.
+the iosvc servers share them with the reader. Every clock starts after the system's imports
+and a ``gc.collect()``, so no system's start-up pays for a collection its imports left due.
 """
 
 from __future__ import annotations
@@ -48,7 +52,16 @@ from typing import Any
 
 import numpy as np
 
-SYSTEMS = ["iosvc-local", "iosvc-remote", "files", "webdataset", "mosaicml-streaming", "litdata"]
+SYSTEMS = [
+    "iosvc-local",
+    "iosvc-remote",
+    "iosvc-remote-dir",
+    "files",
+    "webdataset",
+    "mosaicml-streaming",
+    "litdata",
+]
+REMOTE = {"iosvc-remote", "iosvc-remote-dir"}
 PEERS = {"mosaicml-streaming", "litdata"}  # run in the peer venv
 DATASETS = ["images", "arrays"]
 BATCH = 256
@@ -193,6 +206,7 @@ def write_litdata(dataset: str, n: int, out: str) -> int:
 WRITERS: dict[str, Callable[[str, int, str], int]] = {
     "iosvc-local": write_ours,
     "iosvc-remote": write_ours,
+    "iosvc-remote-dir": write_ours,
     "files": write_files,
     "webdataset": write_webdataset,
     "mosaicml-streaming": write_mds,
@@ -229,10 +243,26 @@ def _wds_map(dataset: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return convert
 
 
+def _litdata_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """LitData 0.2.76 maps local chunks and hands ``bytes`` fields out as memoryviews of the
+    map, which its default collate cannot batch (unequal lengths) nor a worker pickle: made
+    ``bytes`` here, as every other system delivers them; other fields as ``default_collate``."""
+    from torch.utils.data import default_collate
+
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], (bytes, memoryview)):
+            out[key] = [bytes(v) for v in values]
+        else:
+            out[key] = default_collate(values)
+    return out
+
+
 def make_loader(system: str, dataset: str, location: str) -> Any:
     import torch.utils.data
 
-    if system in ("iosvc-local", "iosvc-remote"):
+    if system == "iosvc-local" or system in REMOTE:
         import dataloaders
 
         ds = dataloaders.StreamingDataset(location, seed=0)
@@ -266,7 +296,9 @@ def make_loader(system: str, dataset: str, location: str) -> Any:
         import litdata
 
         ds = litdata.StreamingDataset(input_dir=location, shuffle=True)
-        return litdata.StreamingDataLoader(ds, batch_size=BATCH, num_workers=WORKERS)
+        return litdata.StreamingDataLoader(
+            ds, batch_size=BATCH, num_workers=WORKERS, collate_fn=_litdata_collate
+        )
     raise ValueError(system)
 
 
@@ -304,12 +336,18 @@ def read_epoch(system: str, dataset: str, location: str) -> dict[str, Any]:
     modules = {
         "iosvc-local": "dataloaders",
         "iosvc-remote": "dataloaders",
+        "iosvc-remote-dir": "dataloaders",
         "webdataset": "webdataset",
         "mosaicml-streaming": "streaming",
         "litdata": "litdata",
     }
     if system in modules:
         importlib.import_module(modules[system])
+    # The same garbage-collector state at the start of every clock: the imports above leave
+    # a system-dependent debt of objects a full collection has yet to walk (0.1-0.2 s with
+    # torch loaded), which otherwise lands inside one system's timed start-up and not
+    # another's, depending only on how much its own import allocated.
+    gc.collect()
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
@@ -427,10 +465,15 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-dataloader-"))
     work.mkdir(parents=True, exist_ok=True)
     memory = (1 << 30) if args.quick else (3 << 30)
-    with LocalCluster(2, memory=memory, workdir=work / "cluster") as cluster:
-        assert cluster.spec is not None
+    with (
+        LocalCluster(2, memory=memory, workdir=work / "cluster") as cluster,
+        LocalCluster(2, directory=work / "dir-store", workdir=work / "cluster-dir") as on_disk,
+    ):
+        assert cluster.spec is not None and on_disk.spec is not None
         cluster.spec.save(work / "cluster.json")
+        on_disk.spec.save(work / "cluster-dir.json")
         env = {**os.environ, "IOSVC_CLUSTER": str(work / "cluster.json"), "OMP_NUM_THREADS": "1"}
+        env_dir = {**env, "IOSVC_CLUSTER": str(work / "cluster-dir.json")}
         for dataset in args.datasets:
             n = n_by_dataset[dataset]
             results[dataset] = {}
@@ -454,21 +497,23 @@ def main() -> None:
                         continue
                     python = peer_python
                 location = (
-                    f"iosvc://bench/{dataset}"
-                    if system == "iosvc-remote"
-                    else str(work / dataset / system)
+                    f"iosvc://bench/{dataset}" if system in REMOTE else str(work / dataset / system)
                 )
+                env_of = env_dir if system == "iosvc-remote-dir" else env
                 try:
                     t = time.perf_counter()
                     written = _run_child(
-                        python, ["write", system, dataset, str(n), location], env, timeout=3600
+                        python, ["write", system, dataset, str(n), location], env_of, timeout=3600
                     )
                     cell["write_s"] = time.perf_counter() - t
                     cell["bytes_on_disk"] = written["bytes_on_disk"]
                     subprocess.run(["sync"], check=False)
                     cell.update(
                         _run_child(
-                            python, ["read", system, dataset, str(n), location], env, timeout=3600
+                            python,
+                            ["read", system, dataset, str(n), location],
+                            env_of,
+                            timeout=3600,
                         )
                     )
                     if cell["samples"] < n:
@@ -477,7 +522,7 @@ def main() -> None:
                     cell["error"] = str(exc)
                 results[dataset][system] = cell
                 print(_row(dataset, system, cell), flush=True)
-                if system not in ("iosvc-remote",):
+                if system not in REMOTE:
                     shutil.rmtree(work / dataset / system, ignore_errors=True)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -527,7 +572,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], n_by_dataset: dict[str,
             row = _row(dataset, system, cell)
             if system == "iosvc-local" and best_peer and local:
                 row += f"  {local / best_peer:.2f}x best peer"
-            if system == "iosvc-remote" and local and cell.get("samples_per_s"):
+            if system in REMOTE and local and cell.get("samples_per_s"):
                 row += f"  {cell['samples_per_s'] / local:.2f}x iosvc-local"
             lines.append(row)
         raw = n_by_dataset[dataset] * (64 * 64 * 4 if dataset == "arrays" else 10 * 1024)

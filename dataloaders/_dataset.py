@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
-from dataloaders._cache import ShardFetcher, ShardPrefetcher
+from dataloaders._cache import BufferPool, ShardFetcher, ShardPrefetcher
 from dataloaders._errors import ManifestError, ShardNotFound
 from dataloaders._formats import DecodedShard
 from dataloaders._fs import join, open_fs
@@ -74,10 +74,12 @@ class _Source:
         self._manifest = manifest
         self._fs: Any = None
         self._root = ""
+        self._pool: BufferPool | None = None  # read buffers reused across an epoch's shards
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_fs"] = None  # each process opens its own client
+        state["_pool"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -96,9 +98,17 @@ class _Source:
             self._manifest = load_manifest(self.url, self.storage_options)
         return self._manifest
 
-    def fetcher(self, verify: bool) -> ShardFetcher:
+    def drop_buffers(self) -> None:
+        """Let go of the reused read buffers (a fetcher still running keeps its own)."""
+        self._pool = None
+
+    def fetcher(self, verify: bool, keep_buffers: int = 0) -> ShardFetcher:
+        """Reads shards; with ``keep_buffers``, into up to that many reused buffers."""
         fs, root = self.fs_root
-        return ShardFetcher(fs, root, self.manifest, self.url, verify)
+        if keep_buffers and self._pool is None:
+            self._pool = BufferPool(keep_buffers)
+        pool = self._pool if keep_buffers else None
+        return ShardFetcher(fs, root, self.manifest, self.url, verify, pool)
 
 
 def _blosc_single_threaded() -> None:
@@ -401,7 +411,10 @@ class StreamingDataset(IterableDataset[Sample]):
             last_use = dict(
                 zip(rev_uniq.tolist(), (len(shard_of) - 1 - rev_first).tolist(), strict=True)
             )
-        fetcher = self._source.fetcher(self.verify)
+        # Shards in use (about a shuffle window) + loading ahead: their buffers are reused.
+        fetcher = self._source.fetcher(
+            self.verify, keep_buffers=int(self.shuffle_window) + 2 + self.prefetch
+        )
         shards = manifest.shards
         prefetcher = ShardPrefetcher(
             lambda i: fetcher.load(shards[i]),
@@ -429,6 +442,7 @@ class StreamingDataset(IterableDataset[Sample]):
         finally:
             prefetcher.close()
             self._in_epoch = False
+            self._source.drop_buffers()  # not held between epochs
         self._finish_epoch(epoch)
 
     def _finish_epoch(self, epoch: int) -> None:

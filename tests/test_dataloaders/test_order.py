@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataloaders import epoch_order, plan
-from dataloaders._order import sample_ids
+from dataloaders._order import argsort_within, sample_ids
 
 counts_st = st.lists(st.integers(0, 40), min_size=0, max_size=12)
 
@@ -98,3 +98,57 @@ def test_padding_wraps_to_the_epoch_start() -> None:
     assert p.per_rank == 2
     ids = np.concatenate([sample_ids(order, p.positions(r)) for r in range(4)])
     assert sorted(ids.tolist()) == sorted([*range(5), *order[:3].tolist()])
+
+
+def _lexsort_order(
+    counts: list[int], seed: int, epoch: int, window: float, canonical: int, block: int
+) -> np.ndarray:
+    """The epoch order as first written (np.lexsort inside windows): resumes made with
+    earlier versions must see the same order."""
+    c = np.asarray(counts, dtype=np.int64)
+    n = int(c.sum())
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(c)[:-1]])
+    rng = np.random.default_rng([seed, epoch, 0x10C5])
+    shard_order = rng.permutation(len(c))
+    lengths = c[shard_order]
+    seq = np.repeat(starts[shard_order] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    seq += np.arange(n, dtype=np.int64)
+    pos = np.arange(n, dtype=np.int64)
+    bounds = (n * np.arange(canonical + 1, dtype=np.int64)) // canonical
+    span = np.searchsorted(bounds, pos, side="right") - 1
+    offset = pos - bounds[span]
+    per_window = max(1, round(window * n / len(c)))
+    keys = rng.random(n)
+    seq = seq[np.lexsort((keys, span * (n + 1) + offset // per_window))]
+    return seq[np.lexsort((pos, span, offset // block))]
+
+
+@given(
+    counts_st,
+    st.integers(0, 3),
+    st.sampled_from([0.5, 1.0, 2.0, 3.5]),
+    st.integers(1, 6),
+    st.integers(1, 9),
+)
+def test_order_is_the_lexsort_order(
+    counts: list[int], epoch: int, window: float, canonical: int, block: int
+) -> None:
+    got = epoch_order(counts, seed=3, epoch=epoch, window=window, canonical=canonical, block=block)
+    assert np.array_equal(got, _lexsort_order(counts, 3, epoch, window, canonical, block))
+
+
+def test_order_of_a_large_epoch_is_the_lexsort_order() -> None:
+    counts = [6451] * 30 + [6470]  # the benchmark's 200k images in 31 shards
+    got = epoch_order(counts, seed=0, epoch=1, canonical=2, block=256)
+    assert np.array_equal(got, _lexsort_order(counts, 0, 1, 2.0, 2, 256))
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), max_size=80), st.booleans())
+def test_argsort_within_equals_lexsort_with_ties(pairs: list[tuple[int, int]], real: bool) -> None:
+    group = np.sort(np.array([g for g, _ in pairs], dtype=np.int64))
+    keys = np.array([k for _, k in pairs], dtype=np.float64)
+    if real:
+        keys = keys + np.random.default_rng(len(pairs)).random(len(pairs))
+    assert np.array_equal(argsort_within(keys, group), np.lexsort((keys, group)))

@@ -1,0 +1,198 @@
+"""What makes a reader start and stream fast: frozen objects at fork, the widened result
+pipe, reused read buffers (iosvc://), the filesystem imported before the workers fork."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+
+import dataloaders._cache
+from dataloaders import DataLoader, ShardCorrupted, StreamingDataset, write_shards
+from dataloaders._cache import BufferPool
+from dataloaders._loader import widen_result_pipe
+
+from .helpers import ids_of, make_samples
+
+N = 300
+BATCH = 16
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _freeze_count(sample: dict[str, Any]) -> dict[str, Any]:
+    """A transform that records, in the worker, how many objects it inherited frozen."""
+    return {**sample, "frozen": gc.get_freeze_count()}
+
+
+def test_forked_workers_inherit_frozen_objects_and_the_parent_unfreezes(
+    small_dataset: str,
+) -> None:
+    assert gc.get_freeze_count() == 0
+    ds = StreamingDataset(small_dataset, transform=_freeze_count)
+    loader = DataLoader(ds, batch_size=BATCH, num_workers=2, multiprocessing_context="fork")
+    frozen: list[int] = []
+    ids = []
+    for batch in loader:
+        frozen += batch["frozen"].tolist()
+        ids += batch["id"].tolist()
+        assert gc.get_freeze_count() == 0  # the parent's collections are as before
+    assert sorted(ids) == list(range(N))
+    # Everything the parent had when the workers forked stays out of their collections.
+    assert min(frozen) > 10_000
+
+
+def test_a_program_that_froze_objects_keeps_them_frozen(small_dataset: str) -> None:
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        loader = DataLoader(
+            StreamingDataset(small_dataset),
+            batch_size=BATCH,
+            num_workers=2,
+            multiprocessing_context="fork",
+        )
+        assert sorted(ids_of(loader)) == list(range(N))
+        # Not unfrozen by the loader (frozen objects that died since are not counted).
+        assert gc.get_freeze_count() > before // 2 > 0
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="F_SETPIPE_SZ is Linux's")
+def test_the_result_pipe_is_widened(small_dataset: str) -> None:
+    import fcntl
+
+    limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    loader = DataLoader(
+        StreamingDataset(small_dataset),
+        batch_size=BATCH,
+        num_workers=2,
+        persistent_workers=True,
+    )
+    assert sorted(ids_of(loader)) == list(range(N))
+    reader = loader._iterator._worker_result_queue._reader  # type: ignore[union-attr]
+    size = fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ)
+    assert size >= min(4 << 20, limit) > 65536
+    assert sorted(ids_of(loader)) == list(range(N))  # next epoch, same workers
+    assert widen_result_pipe(object()) == 0  # nothing to widen: no error
+
+
+def test_buffer_pool_reuses_only_buffers_nothing_refers_to() -> None:
+    pool = BufferPool(keep=2)
+    a = pool.get(1 << 20)
+    view = memoryview(a)[:100]
+    del a
+    b = pool.get(1 << 20)  # a is still viewed: not handed out again
+    assert b is not view.obj
+    assert pool.reused == 0
+    del view
+    c = pool.get(1 << 20)  # now it is free
+    assert pool.reused == 1
+    assert c is not b
+    assert len(pool) == 2
+    big = pool.get(4 << 20)  # nothing fits, all in use: a fresh buffer, not kept
+    assert len(big) >= 4 << 20 and len(pool) == 2
+    assert not any(buf is big for buf in pool._buffers)
+    del b, c, big
+    big = pool.get(4 << 20)  # too small ones are not used: it replaces a free one
+    assert len(pool) == 2 and any(buf is big for buf in pool._buffers)
+    assert pool.get(100) is not big  # nor is a buffer more than twice the size
+    del big
+    # Room for a slightly larger file next time (shard sizes vary by a few %).
+    bigger = pool.get((4 << 20) + 4096)
+    assert pool.reused == 2 and len(bigger) >= (4 << 20) + 4096
+
+
+@pytest.fixture
+def pooled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every shard file read through the reused buffers, whatever its size."""
+    monkeypatch.setattr(dataloaders._cache, "POOLED_MIN", 0)
+
+
+def test_reused_buffers_never_mix_samples_on_iosvc(iosvc_url: str, pooled: None) -> None:
+    samples = make_samples(N)
+    write_shards(samples, iosvc_url, shard_bytes=32 << 10)
+    ds = StreamingDataset(iosvc_url, batch_size=BATCH, seed=1, prefetch=1)
+    for _ in range(2):
+        seen = {}
+        pools = set()
+        for sample in ds:
+            seen[sample["id"]] = sample
+            pools.add(ds._source._pool)
+        assert sorted(seen) == list(range(N))
+        for i, sample in seen.items():
+            assert sample["image"] == samples[i]["image"]
+            assert sample["label"] == samples[i]["label"]
+        (pool,) = pools
+        # ~12 shards through at most `keep` buffers, reused as soon as a shard is done.
+        assert pool is not None and pool.reused >= 2
+        assert len(pool) <= pool.keep
+        assert ds._source._pool is None  # not held after the epoch
+
+
+def test_reused_buffers_in_collated_batches_on_iosvc(iosvc_url: str, pooled: None) -> None:
+    samples = make_samples(N)
+    write_shards(samples, iosvc_url, shard_bytes=32 << 10)
+    loader = DataLoader(StreamingDataset(iosvc_url, seed=2), batch_size=BATCH)
+    for _ in range(2):
+        got = 0
+        for batch in loader:
+            for i, image in zip(batch["id"].tolist(), batch["image"], strict=True):
+                assert image == samples[i]["image"]
+                got += 1
+        assert got == N
+
+
+def test_corrupted_shard_on_iosvc_is_named(iosvc_url: str, pooled: None) -> None:
+    write_shards(make_samples(N), iosvc_url, shard_bytes=32 << 10)
+    fs = fsspec.filesystem("iosvc")
+    path = iosvc_url + "/shard-00002.raw"
+    data = bytearray(fs.cat_file(path))
+    data[10] ^= 0xFF
+    fs.pipe_file(path, bytes(data))  # a new version: consistent chunks, wrong for the manifest
+    with pytest.raises(ShardCorrupted, match=r"shard-00002.*checksum"):
+        list(StreamingDataset(iosvc_url))
+
+
+def test_forked_workers_on_iosvc_from_a_fresh_process(iosvc_url: str, cluster_file: str) -> None:
+    """A parent that has not used gRPC forks its workers; it imports the iosvc filesystem
+    before they fork (once for all), and stays fork-safe."""
+    samples = make_samples(N)
+    write_shards(samples, iosvc_url, shard_bytes=32 << 10)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import dataloaders
+        ds = dataloaders.StreamingDataset({iosvc_url!r}, seed=0)
+        loader = dataloaders.DataLoader(ds, batch_size={BATCH}, num_workers=2)
+        assert "iosvc.client" not in sys.modules
+        ids = []
+        for batch in loader:
+            ids += batch["id"].tolist()
+            import iosvc.client
+            assert iosvc.client.fork_safe()  # imported, never used: fork-safe
+        print(json.dumps({{"ids": sorted(ids), "start": loader.multiprocessing_context}}))
+        """
+    )
+    env = {**os.environ, "IOSVC_CLUSTER": cluster_file}
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ids"] == list(range(N))
+    assert result["start"] is None  # forked (the default context), not forkserver
