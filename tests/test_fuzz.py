@@ -53,6 +53,7 @@ OPS = [
     "stats",
     "live_uids",
     "drop",
+    "pull",
     "nonsense",
     7,
     None,
@@ -97,6 +98,9 @@ fields = st.sampled_from(
         "tok",
         "index",
         "peers",
+        "src",
+        "mt",
+        "host",
     ]
 )
 headers = st.builds(
@@ -152,7 +156,9 @@ def test_path_validation_accepts_or_refuses_clearly(path: Any) -> None:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSpec]:
-    with LocalCluster(2, memory=64 << 20, workdir=tmp_path_factory.mktemp("fuzz")) as cluster:
+    # The servers may pull from "/": pull requests are fuzzed past the root check too.
+    workdir = tmp_path_factory.mktemp("fuzz")
+    with LocalCluster(2, memory=64 << 20, workdir=workdir, pull_roots=["/"]) as cluster:
         assert cluster.spec is not None
         yield cluster.spec
 
