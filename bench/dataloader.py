@@ -343,6 +343,8 @@ def read_epoch(system: str, dataset: str, location: str) -> dict[str, Any]:
     }
     if system in modules:
         importlib.import_module(modules[system])
+    if system in REMOTE:  # the iosvc client and gRPC: imports too, as for every other system
+        importlib.import_module("iosvc.client")
     # The same garbage-collector state at the start of every clock: the imports above leave
     # a system-dependent debt of objects a full collection has yet to walk (0.1-0.2 s with
     # torch loaded), which otherwise lands inside one system's timed start-up and not
