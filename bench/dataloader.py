@@ -13,7 +13,7 @@ Datasets (made here, deterministic; nothing downloaded):
 
 Systems: ``iosvc-local`` (dataloaders.StreamingDataset on local disk), ``iosvc-remote`` (the
 same shards on a 2-server iosvc cluster started here, DRAM store: every byte through gRPC),
-``iosvc-remote-dir`` (the same on 2 servers with a ``--dir`` store on this machine's disk: the
+``iosvc-remote-dir`` (the same on 2 servers with a ``--dir`` store on tmpfs, DRAM: the
 client reads the chunk files in place, as it does from any server on its own host),
 ``files`` (one file per sample, map-style Dataset), ``webdataset`` (tar shards),
 ``mosaicml-streaming`` (MDS) and ``litdata``. Each system writes the data its own way, then
@@ -34,6 +34,7 @@ and a ``gc.collect()``, so no system's start-up pays for a collection its import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -467,10 +468,17 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-dataloader-"))
     work.mkdir(parents=True, exist_ok=True)
     memory = (1 << 30) if args.quick else (3 << 30)
+    # The in-place store lives on tmpfs (DRAM, like the memory store next to it): on disk,
+    # the page cache had dropped its chunk files by the time it was read, after every other
+    # system had written its own copy of the data.
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
+    dir_store = Path(tempfile.mkdtemp(prefix="bench-dataloader-store-", dir=shm))
     with (
+        contextlib.ExitStack() as cleanup,
         LocalCluster(2, memory=memory, workdir=work / "cluster") as cluster,
-        LocalCluster(2, directory=work / "dir-store", workdir=work / "cluster-dir") as on_disk,
+        LocalCluster(2, directory=dir_store, workdir=work / "cluster-dir") as on_disk,
     ):
+        cleanup.callback(shutil.rmtree, dir_store, True)
         assert cluster.spec is not None and on_disk.spec is not None
         cluster.spec.save(work / "cluster.json")
         on_disk.spec.save(work / "cluster-dir.json")
