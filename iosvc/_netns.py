@@ -48,6 +48,7 @@ class NetnsHosts:
         tag = f"{os.getpid() % 100000}{random.randrange(100):02d}"
         self.count = count
         self.names = [f"iosvc{tag}h{i}" for i in range(count)]
+        self.tag = tag
         self.bridge = f"iosbr{tag}"[:15]
         self.subnet = f"10.{random.randrange(64, 250)}.{random.randrange(1, 250)}"
         self.addresses = [f"{self.subnet}.{i + 1}" for i in range(count)]
@@ -58,7 +59,7 @@ class NetnsHosts:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("link", "set", self.bridge, "up")
             for i, ns in enumerate(self.names):
-                outer, inner = f"{self.bridge[:9]}o{i}", f"{self.bridge[:9]}i{i}"
+                outer, inner = self._veth(i, "o"), self._veth(i, "i")
                 _ip("netns", "add", ns)
                 _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
                 _ip("link", "set", inner, "netns", ns)
@@ -74,8 +75,10 @@ class NetnsHosts:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _inner(self, i: int) -> str:
-        return f"{self.bridge[:9]}i{i}"
+    def _veth(self, i: int, end: str) -> str:
+        # The whole tag, not a prefix of the bridge name: two test processes whose pids
+        # shared their first digits made the same veth names, and one of them failed.
+        return f"iv{self.tag}{end}{i}"
 
     def exec(self, i: int, cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` in host ``i`` and wait; raises on failure."""
@@ -91,7 +94,7 @@ class NetnsHosts:
 
     def link(self, i: int, up: bool) -> None:
         """Take host ``i`` off the network (its link down) or back on."""
-        self.exec(i, ["ip", "link", "set", self._inner(i), "up" if up else "down"])
+        self.exec(i, ["ip", "link", "set", self._veth(i, "i"), "up" if up else "down"])
 
     def close(self) -> None:
         for proc in self._procs:
@@ -101,5 +104,5 @@ class NetnsHosts:
         for ns in self.names:
             _ip("netns", "del", ns, check=False)  # takes its end of the veth pair with it
         for i in range(self.count):
-            _ip("link", "del", f"{self.bridge[:9]}o{i}", check=False)
+            _ip("link", "del", self._veth(i, "o"), check=False)
         _ip("link", "del", self.bridge, check=False)
