@@ -196,6 +196,7 @@ def test_a_chunk_read_differently_at_the_server_is_never_stored(
         ([{"src": "/x", "s": 1, "mt": 0}], "without 'cs'"),
         ([{"src": "/x", "s": "1", "mt": 0, "cs": MiB}], "must be integers"),
         ([{"src": "/x", "s": 1, "mt": 0, "cs": 10}], "out of range"),
+        ([{"src": "/x", "s": 1, "mt": 0, "cs": 64 * MiB}], "out of range"),  # > chunk max
         ([{"src": "/x", "s": 1, "mt": 0, "cs": MiB, "chunks": [[0, "k"]]}], "index, key"),
         ([{"src": "/x", "s": 1, "mt": 0, "cs": MiB, "chunks": [[0, "bad", 1]]}], "malformed"),
         (
@@ -206,10 +207,10 @@ def test_a_chunk_read_differently_at_the_server_is_never_stored(
             [
                 {
                     "src": "/x",
-                    "s": 128 * MiB,
+                    "s": 80 * MiB,
                     "mt": 0,
-                    "cs": 64 * MiB,
-                    "chunks": [[0, f"c/0/{'a' * 32}/0", 1], [1, f"c/0/{'a' * 32}/1", 1]],
+                    "cs": 16 * MiB,
+                    "chunks": [[i, f"c/0/{'a' * 32}/{i}", 1] for i in range(5)],
                 }
             ],
             "over the",
@@ -356,3 +357,23 @@ def test_iosvc_put_lets_the_servers_read_what_they_mount(
     assert proc.returncode == 0, proc.stderr
     assert "read by the servers" not in proc.stderr
     assert client.read("pushed/local/sub/x.bin") == b"pushed"
+
+
+def test_a_directory_swapped_for_a_link_after_a_pull_leads_nowhere(
+    client: Client, pfs: Path, tmp_path: Path
+) -> None:
+    """The check is made on the opened file, not on a remembered path (a cache of resolved
+    directories once let a directory replaced by a link lead outside the roots)."""
+    inside = pfs / f"{tmp_path.name}-swap"
+    inside.mkdir()
+    (inside / "f.bin").write_bytes(b"inside")
+    assert client.pull_probe(inside / "f.bin") is None
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f.bin").write_bytes(b"outside")
+    os.utime(outside / "f.bin", ns=((inside / "f.bin").stat().st_atime_ns,) * 2)
+    (inside / "f.bin").unlink()
+    inside.rmdir()
+    inside.symlink_to(outside)
+    reason = client.pull_probe(inside / "f.bin")
+    assert reason is not None and "outside this server's pull roots" in reason

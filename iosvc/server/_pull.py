@@ -23,19 +23,23 @@ from dataclasses import dataclass
 import xxhash
 
 from iosvc.errors import DataCorruption, InvalidArgument, NotFound, PermissionDenied
+from iosvc.server._records import CHECKSUM_TRAILER as _CK
+from iosvc.server._records import parse_chunk_key
+from iosvc.wire import MAX_CHUNK_SIZE
 
-__all__ = ["PullChunk", "PullFile", "PullSource"]
-
-_CK = 8  # xxh3-64 trailer stored after each chunk
+__all__ = ["PullChunk", "PullFile", "PullSource", "parse_pull_files"]
 
 
 @dataclass(frozen=True, slots=True)
 class PullChunk:
-    """Chunk ``index`` of a file, to store under ``key`` if its bytes hash to ``checksum``."""
+    """Chunk ``index`` of a file, to store under ``key`` (of version ``uid`` homed on
+    ``home``) if its bytes hash to ``checksum``."""
 
     index: int
     key: str
     checksum: int
+    home: int
+    uid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +64,9 @@ class PullSource:
 
     def __init__(self, roots: list[str] | tuple[str, ...] = ()) -> None:
         self.roots = tuple(os.path.realpath(r) for r in roots)
-        self._dirs: dict[str, str] = {}
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.roots)
-
-    def _resolve(self, path: str) -> str:
-        """``path`` with its directory's symlinks resolved, checked against the roots."""
+    def _open(self, path: str) -> int:
+        """An open descriptor of ``path``, checked to lie under the roots once opened."""
         if not self.roots:
             raise PermissionDenied(
                 "this server does not stage in from its file system (start it with "
@@ -75,17 +74,25 @@ class PullSource:
             )
         if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
             raise InvalidArgument(f"pull source must be an absolute path, not {path!r:.200}")
-        parent, name = os.path.split(os.path.normpath(path))
-        real_parent = self._dirs.get(parent)
-        if real_parent is None:
-            real_parent = os.path.realpath(parent)
-            if len(self._dirs) > 4096:
-                self._dirs.clear()
-            self._dirs[parent] = real_parent
-        real = os.path.join(real_parent, name)
+        try:
+            # O_NOFOLLOW: the file itself must not be a link.
+            fd = os.open(os.path.normpath(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"pull source {path} not found on this server") from None
+        except PermissionError:
+            raise PermissionDenied(f"pull source {path}: permission denied") from None
+        except OSError as exc:
+            raise NotFound(f"pull source {path}: {exc.strerror}") from None
+        # Where the descriptor really points, links in the directories resolved: checked
+        # after the open, so a directory swapped for a link meanwhile cannot lead outside.
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # no /proc: resolve the path instead
+            real = os.path.realpath(path)
         if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.roots):
+            os.close(fd)
             raise PermissionDenied(f"{path} is outside this server's pull roots {self.roots}")
-        return real
+        return fd
 
     def read(self, file: PullFile) -> list[bytearray]:
         """The stored values (chunk bytes + xxh3-64 trailer) of ``file.chunks``, in order.
@@ -94,16 +101,7 @@ class PullSource:
         (absent, another size or modification time: not the same file system), and
         ``DataCorruption`` if a chunk's bytes do not hash to the client's checksum.
         """
-        real = self._resolve(file.source)
-        try:
-            # O_NOFOLLOW: the last component was not resolved above, so it must not be a link.
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"pull source {file.source} not found on this server") from None
-        except PermissionError:
-            raise PermissionDenied(f"pull source {file.source}: permission denied") from None
-        except OSError as exc:
-            raise NotFound(f"pull source {file.source}: {exc.strerror}") from None
+        fd = self._open(file.source)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -137,8 +135,11 @@ class PullSource:
             os.close(fd)
 
 
-def parse_pull_files(entries: list[object], max_bytes: int) -> list[PullFile]:
-    """Validate the ``files`` of a ``pull`` request; ``InvalidArgument`` if malformed."""
+def parse_pull_files(entries: list[object], max_bytes: int) -> tuple[list[PullFile], int]:
+    """Validate the ``files`` of a ``pull`` request; return them and the bytes they ask for.
+
+    ``InvalidArgument`` if malformed.
+    """
     files = []
     total = 0
     for entry in entries:
@@ -152,7 +153,7 @@ def parse_pull_files(entries: list[object], max_bytes: int) -> list[PullFile]:
         ints = (size, mtime_ns, chunk_size)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
             raise InvalidArgument("pull file size, mtime and chunk size must be integers")
-        if size < 0 or not 4096 <= chunk_size <= 64 * 1024 * 1024:
+        if size < 0 or not 4096 <= chunk_size <= MAX_CHUNK_SIZE:
             raise InvalidArgument("pull file size or chunk size out of range")
         if not isinstance(chunks, list):
             raise InvalidArgument("pull file 'chunks' must be a list")
@@ -167,11 +168,14 @@ def parse_pull_files(entries: list[object], max_bytes: int) -> list[PullFile]:
                 or chunk[0] < 0
             ):
                 raise InvalidArgument("each pull chunk must be [index, key, checksum]")
-            parsed.append(PullChunk(chunk[0], chunk[1], chunk[2]))
+            home, uid, index = parse_chunk_key(chunk[1])
+            if index != chunk[0]:
+                raise InvalidArgument(f"chunk key {chunk[1]} is not chunk {chunk[0]}")
+            parsed.append(PullChunk(chunk[0], chunk[1], chunk[2], home, uid))
             total += min(chunk_size, max(0, size - chunk[0] * chunk_size))
         if not isinstance(source, str):
             raise InvalidArgument("pull file 'src' must be a path")
         files.append(PullFile(source, size, mtime_ns, chunk_size, tuple(parsed)))
     if total > max_bytes:
         raise InvalidArgument(f"pull of {total} bytes in one call is over the {max_bytes} limit")
-    return files
+    return files, total

@@ -9,10 +9,12 @@ from iosvc.errors import InvalidArgument
 from iosvc.placement import validate_path
 from iosvc.wire import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 
-__all__ = ["FileRecord", "chunk_key", "parse_chunk_key"]
+__all__ = ["CHECKSUM_TRAILER", "FileRecord", "chunk_key", "parse_chunk_key"]
 
 KIND_FILE = "f"
 KIND_DIR = "d"
+#: Bytes of the xxh3-64 trailer stored after each chunk's data.
+CHECKSUM_TRAILER = 8
 
 
 def chunk_key(home: int, uid: str, index: int) -> str:

@@ -40,14 +40,21 @@ from iosvc.server._budget import ByteBudget
 from iosvc.server._gate import IoGate
 from iosvc.server._namespace import Namespace, owner_user
 from iosvc.server._pull import PullFile, PullSource, parse_pull_files
-from iosvc.server._records import KIND_DIR, KIND_FILE, FileRecord, chunk_key, parse_chunk_key
+from iosvc.server._records import (
+    CHECKSUM_TRAILER,
+    KIND_DIR,
+    KIND_FILE,
+    FileRecord,
+    chunk_key,
+    parse_chunk_key,
+)
 from iosvc.server._stores import ByteRange, ChunkStore
 
 __all__ = ["IoService"]
 
 log = logging.getLogger("iosvc.server")
 
-_CK = 8  # bytes of the xxh3-64 trailer stored after each chunk
+_CK = CHECKSUM_TRAILER
 _MAX_BATCH = 4096
 #: Chunks of one read stream queued at the gate at once.
 READ_AHEAD = 4
@@ -472,19 +479,12 @@ class IoService:
         if self.auth.secure:
             self.auth.require_admin(who, "'pull' (stage-in from the server's file system)")
         entries = _list_arg(header, "files")
-        files = parse_pull_files(entries, MAX_PULL_BYTES)
+        files, nbytes = parse_pull_files(entries, MAX_PULL_BYTES)
         self._require_configured()
-        records: list[FileRecord | None] = []
-        for entry, file in zip(entries, files, strict=True):
-            for chunk in file.chunks:
-                _, uid, index = parse_chunk_key(chunk.key)
-                if index != chunk.index:
-                    raise InvalidArgument(f"chunk key {chunk.key} is not chunk {chunk.index}")
-            raw = entry.get("rec") if isinstance(entry, dict) else None
-            records.append(FileRecord.from_wire(raw) if raw is not None else None)
-        nbytes = sum(
-            min(f.chunk_size, f.size - c.index * f.chunk_size) for f in files for c in f.chunks
-        )
+        # parse_pull_files checked that every entry is a map
+        records = [
+            FileRecord.from_wire(e["rec"]) if e.get("rec") is not None else None for e in entries
+        ]
         errors: list[Any] = []
         async with self.budget.hold(nbytes), self.gate.admit(who.identity, nbytes):
             # The reads (pread from the page cache or the parallel file system) and their
@@ -497,8 +497,7 @@ class IoService:
                     if rec is not None:
                         self._check_write(who, rec.path)
                     for chunk, value in zip(file.chunks, values, strict=True):
-                        home, uid, _ = parse_chunk_key(chunk.key)
-                        await self._store_chunk(home, uid, chunk.key, value)
+                        await self._store_chunk(chunk.home, chunk.uid, chunk.key, value)
                         self.pulled_bytes += len(value) - _CK
                     if rec is not None:
                         await self._commit(rec, who)
