@@ -185,8 +185,8 @@ class AsyncClient:
         if self.token is not None:
             self._auth["tok"] = self.token
         self._channels: dict[int, grpc.aio.Channel] = {}
-        # Servers whose chunk files this client cannot read in place (False once refused).
-        self._in_place: dict[int, bool] = {}
+        # Servers whose chunk files this client may not read in place (another user's).
+        self._not_in_place: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         _clients.add(self)
         # Keep gRPC's per-message buffers in the heap: without it every 1 MiB chunk lands in
@@ -502,7 +502,7 @@ class AsyncClient:
 
     def _in_place_host(self, server: int) -> str | None:
         """This host's id to offer ``server`` for reads in place, or None not to."""
-        if self._in_place.get(server) is False or os.environ.get("IOSVC_READ_IN_PLACE") == "0":
+        if server in self._not_in_place or os.environ.get("IOSVC_READ_IN_PLACE") == "0":
             return None
         return wire.host_id()
 
@@ -522,7 +522,7 @@ class AsyncClient:
             # less than a hop to a worker thread and back.
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except PermissionError:
-            self._in_place[server] = False  # another user's server: always go through it
+            self._not_in_place.add(server)  # another user's server: always go through it
             return None
         except OSError:
             return None  # removed meanwhile (replaced file past its grace)

@@ -63,6 +63,10 @@ class _Source:
             "chunks": chunks,
         }
 
+    def record(self, chunk_size: int, uid: str) -> dict[str, Any]:
+        """The file record to commit once every chunk of version ``uid`` is stored."""
+        return {"p": self.dest, "s": self.size, "cs": chunk_size, "u": uid, "ck": self.checksums}
+
 
 def _open(src: _Source) -> int:
     try:
@@ -205,13 +209,7 @@ async def pull_files(
             uid = uuid.uuid4().hex
             chunks = [[0, f"c/{home}/{uid}/0", src.checksums[0]]] if src.checksums else []
             entry = src.wire(chunk_size, chunks)
-            entry["rec"] = {
-                "p": src.dest,
-                "s": src.size,
-                "cs": chunk_size,
-                "u": uid,
-                "ck": src.checksums,
-            }
+            entry["rec"] = src.record(chunk_size, uid)
             by_home[home].append((src, entry))
 
         async def send(home: int, group: list[tuple[_Source, dict[str, Any]]]) -> None:
@@ -219,8 +217,9 @@ async def pull_files(
 
             try:
                 errors = await pull(home, [entry for _, entry in group])
-            except IosvcError as exc:
-                errors = [[type(exc).__name__, str(exc)]] * len(group)
+            except IosvcError as exc:  # the whole call failed: so did each of its files
+                failures.update((src.dest, exc) for src, _ in group)
+                return
             for (src, _), error in zip(group, errors, strict=True):
                 if error:
                     failures[src.dest] = _raise_entry(error, src.dest)
@@ -265,8 +264,7 @@ async def pull_files(
             await asyncio.gather(*pending)
             if not accepted(src):
                 raise src.error or IosvcError(f"{src.dest} refused")
-            rec = {"p": src.dest, "s": src.size, "cs": chunk_size, "u": uid, "ck": src.checksums}
-            await client.call(home, {"op": "commit", "rec": rec})
+            await client.call(home, {"op": "commit", "rec": src.record(chunk_size, uid)})
         except BaseException as exc:
             for task in pending:
                 task.cancel()
