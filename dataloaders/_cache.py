@@ -84,8 +84,9 @@ class BufferPool:
 def _read_into_client(fs: Any) -> Any:
     """The client of an fsspec filesystem that reads a file into a caller's buffer.
 
-    iosvc's filesystem carries its ``AsyncClient`` (``info`` + ``read_into``; duck-typed,
-    this package never imports iosvc). None for every other filesystem.
+    iosvc's filesystem carries its ``AsyncClient`` (``info`` + ``read_into``, and ``map``
+    for files on servers of this host; duck-typed, this package never imports iosvc). None
+    for every other filesystem.
     """
     client = getattr(fs, "client", None)
     if getattr(fs, "async_impl", False) and callable(getattr(client, "read_into", None)):
@@ -118,6 +119,7 @@ class ShardFetcher:
         client = self._client
         assert client is not None and self.pool is not None
         pool = self.pool
+        mapper = getattr(client, "map", None)
 
         async def one(path: str) -> Any:
             name = self.fs._strip_protocol(path)
@@ -126,6 +128,11 @@ class ShardFetcher:
                 if info.get("type") != "file":
                     raise FileNotFoundError(f"{name} is not a file")
                 size = int(info["size"])
+                if size >= POOLED_MIN and mapper is not None:
+                    # From a server on this host: its chunk files mapped, nothing copied.
+                    mapped = await mapper(info)
+                    if mapped is not None:
+                        return mapped
                 buf = pool.get(size) if size >= POOLED_MIN else bytearray(size)
                 view = memoryview(buf)[:size]
                 await client.read_into(info, view)

@@ -111,3 +111,92 @@ def test_read_into_lets_go_of_the_callers_buffer(
         buffer = bytearray(3 * MiB)
         c._run(c.aio.read_into, c.info(f"{prefix}/b"), buffer)
         buffer.extend(b"x")  # BufferError while a memoryview of it is alive
+
+
+# ------------------------------------------------------------------ mapped chunk files
+def _maps_of(path_part: str) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(path_part in line for line in f)
+
+
+def test_map_gives_the_file_mapped_from_chunk_files(disk_cluster: LocalCluster) -> None:
+    assert disk_cluster.spec is not None
+    client = Client(disk_cluster.spec, identity=JobIdentity("78", "bob", "g", 1))
+    data = os.urandom(5 * MiB + 123)  # a partial last chunk, not page-aligned
+    client.write("ip/map", data)
+    info = client.info("ip/map")
+    before = _in_place(client)
+    view = client._run(client.aio.map, info)
+    assert view is not None and view.readonly
+    assert bytes(view) == data
+    assert _in_place(client) - before == 6  # every chunk admitted by its server
+    # The pages are the chunk files' own: one mapping per chunk file, gone with the views.
+    version = info["version"]
+    assert _maps_of(version) == 6
+    sliced = view[MiB : 2 * MiB]
+    del view
+    assert _maps_of(version) == 6  # a slice still holds the mapping
+    assert bytes(sliced) == data[MiB : 2 * MiB]
+    del sliced
+    assert _maps_of(version) == 0
+
+
+def test_a_mapped_file_outlives_its_removal(disk_cluster: LocalCluster) -> None:
+    """A server never rewrites a chunk file in place: removing it unlinks, and the mapping
+    keeps its pages (no SIGBUS for a reader of a removed file)."""
+    assert disk_cluster.spec is not None
+    client = Client(disk_cluster.spec)
+    data = os.urandom(3 * MiB)
+    client.write("ip/map-rm", data)
+    view = client._run(client.aio.map, client.info("ip/map-rm"))
+    assert view is not None
+    client.rm("ip/map-rm")
+    client.write("ip/map-rm", os.urandom(3 * MiB))  # a new version under the same name
+    assert bytes(view) == data
+
+
+def test_a_corrupt_chunk_file_is_caught_when_mapped(disk_cluster: LocalCluster) -> None:
+    assert disk_cluster.spec is not None and disk_cluster.directory is not None
+    client = Client(disk_cluster.spec)
+    client.write("ip/map-bad", os.urandom(2 * MiB))
+    uid = client.info("ip/map-bad")["version"]
+    victim = next(iter(disk_cluster.directory.rglob(f"*{uid}!1")))
+    raw = bytearray(victim.read_bytes())
+    raw[5] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(DataCorruption, match=r"chunk 1 .* failed its checksum"):
+        client._run(client.aio.map, client.info("ip/map-bad"))
+
+
+def test_a_truncated_chunk_file_is_never_mapped(disk_cluster: LocalCluster) -> None:
+    """Pages past a file's end fault with SIGBUS: a short chunk file is read through the
+    server instead, which finds it corrupt."""
+    assert disk_cluster.spec is not None and disk_cluster.directory is not None
+    client = Client(disk_cluster.spec)
+    client.write("ip/map-short", os.urandom(2 * MiB))
+    uid = client.info("ip/map-short")["version"]
+    victim = next(iter(disk_cluster.directory.rglob(f"*{uid}!0")))
+    os.truncate(victim, MiB // 2)
+    with pytest.raises(DataCorruption):
+        client._run(client.aio.map, client.info("ip/map-short"))
+
+
+def test_map_declines_where_it_cannot_help(
+    disk_cluster: LocalCluster, client: Client, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert disk_cluster.spec is not None
+    data = os.urandom(2 * MiB + 5)
+    # Memory servers: the first try copies through gRPC (still correct) and learns that
+    # these servers send bytes; then map declines, so the caller reads into its own buffer.
+    client.write(f"{prefix}/mm", data)
+    info = client.info(f"{prefix}/mm")
+    first = client._run(client.aio.map, info)
+    assert first is not None and bytes(first) == data
+    assert client._run(client.aio.map, info) is None
+    # An empty file, and reads in place turned off.
+    on_disk = Client(disk_cluster.spec)
+    on_disk.write("ip/empty", b"")
+    assert on_disk._run(on_disk.aio.map, on_disk.info("ip/empty")) is None
+    on_disk.write("ip/off", data)
+    monkeypatch.setenv("IOSVC_READ_IN_PLACE", "0")
+    assert on_disk._run(on_disk.aio.map, on_disk.info("ip/off")) is None

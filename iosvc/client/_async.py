@@ -24,6 +24,7 @@ import xxhash
 from iosvc import wire
 from iosvc._malloc import tune_client_malloc
 from iosvc.client import _pull
+from iosvc.client._mapped import MappedFile, can_map
 from iosvc.config import ClusterSpec
 from iosvc.errors import (
     ERROR_BY_NAME,
@@ -187,6 +188,9 @@ class AsyncClient:
         self._channels: dict[int, grpc.aio.Channel] = {}
         # Servers whose chunk files this client may not read in place (another user's).
         self._not_in_place: set[int] = set()
+        # Servers that answered an offer to read in place with bytes: not on this host, or
+        # not keeping chunks in files (so mapping their files is not worth trying).
+        self._sends_bytes: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         _clients.add(self)
         # Keep gRPC's per-message buffers in the heap: without it every 1 MiB chunk lands in
@@ -409,6 +413,33 @@ class AsyncClient:
         await self._fetch(info, start, end, copy, target=out)
         return max(0, end - start)
 
+    async def map(self, info: FileInfo) -> memoryview | None:
+        """The whole version as one read-only view mapped from the servers' chunk files.
+
+        For a reader on the servers' host (a node-local burst buffer): every chunk is
+        admitted by its server's scheduler as for any read, then its file is mapped into
+        place (``mmap``), so nothing is copied and no fresh memory is filled; the pages are
+        the ones the servers keep (page cache or tmpfs), as with a local file's ``mmap``.
+        Chunks that come through gRPC after all are copied into place, and the view is
+        correct either way; whole chunks are verified against the writer's checksums.
+
+        Returns None, so that the caller reads the ordinary way (:meth:`read_into`), when
+        mapping cannot help: an empty file, not Linux, chunks that are not page-aligned,
+        reads in place turned off, or a server of the file known not to be on this host.
+        """
+        size = info["size"]
+        off = os.environ.get("IOSVC_READ_IN_PLACE") == "0" or wire.host_id() is None
+        if off or size == 0 or not can_map(info["chunk_size"]):
+            return None
+        home = self.placement.home(info["name"])
+        n_chunks = -(-size // info["chunk_size"])
+        servers = {self.placement.chunk_server(home, i) for i in range(n_chunks)}
+        if servers & (self._sends_bytes | self._not_in_place):
+            return None
+        region = MappedFile(size)
+        await self._fetch(info, 0, size, region.copy, target=region)
+        return region.view()
+
     async def _fetch(
         self,
         info: FileInfo,
@@ -416,7 +447,7 @@ class AsyncClient:
         end: int | None,
         sink: Callable[[int, memoryview], None],
         *,
-        target: memoryview | None = None,
+        target: memoryview | MappedFile | None = None,
     ) -> None:
         """Fetch ``[start, end)`` of a version, one stream per server, in parallel.
 
@@ -427,8 +458,9 @@ class AsyncClient:
         chunks in files admits each chunk through its scheduler as usual, then answers with
         the chunk's path instead of its bytes, and this client reads the file itself (into
         ``target`` at the piece's offset when given, skipping ``sink``): no copy through
-        gRPC. A chunk it cannot read that way (removed meanwhile, no permission) is fetched
-        again the ordinary way; ``IOSVC_READ_IN_PLACE=0`` turns reading in place off.
+        gRPC; a :class:`MappedFile` target maps the file into place instead. A chunk it
+        cannot read that way (removed meanwhile, no permission) is fetched again the
+        ordinary way; ``IOSVC_READ_IN_PLACE=0`` turns reading in place off.
         """
         size = info["size"]
         if start < 0:
@@ -463,7 +495,7 @@ class AsyncClient:
         host: str | None,
         info: FileInfo,
         sink: Callable[[int, memoryview], None],
-        target: memoryview | None,
+        target: memoryview | MappedFile | None,
     ) -> list[tuple[int, int, list[Any]]]:
         """One ``ReadChunks`` stream (with retries); returns the pieces told to be read in
         place that could not be (to fetch again through the server, which answers NotFound
@@ -487,6 +519,8 @@ class AsyncClient:
                         again.append(plan[header["i"]])
                         continue
                     payload, direct = read, target is not None
+                elif host is not None:
+                    self._sends_bytes.add(server)
                 if len(payload) != spec[2]:
                     raise DataCorruption(f"{info['name']}: chunk {index} is short")
                 if spec[3] and xxhash.xxh3_64_intdigest(payload) != checksums[index]:
@@ -511,12 +545,13 @@ class AsyncClient:
         server: int,
         path: str,
         spec: list[Any],
-        target: memoryview | None,
+        target: memoryview | MappedFile | None,
         offset: int,
     ) -> memoryview | None:
-        """Read a chunk piece from the server's file; None if that cannot be done."""
+        """Read (or map) a chunk piece from the server's file; None if that cannot be done."""
         start, length = spec[1], spec[2]
-        view = target[offset : offset + length] if target is not None else None
+        # A MappedFile target maps the whole chunk (map() asks for whole chunks only).
+        view = target[offset : offset + length] if isinstance(target, memoryview) else None
         try:
             # Inline, not in a thread: a chunk from the page cache or tmpfs takes ~0.1 ms,
             # less than a hop to a worker thread and back.
@@ -527,6 +562,8 @@ class AsyncClient:
         except OSError:
             return None  # removed meanwhile (replaced file past its grace)
         try:
+            if isinstance(target, MappedFile):
+                return target.map_chunk(offset, fd, length)
             if view is None:  # a new bytes object, not zero-filled first as a bytearray is
                 view = memoryview(os.pread(fd, length, start))
                 got = len(view)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +197,48 @@ def test_forked_workers_on_iosvc_from_a_fresh_process(iosvc_url: str, cluster_fi
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ids"] == list(range(N))
     assert result["start"] is None  # forked (the default context), not forkserver
+
+
+@pytest.fixture(scope="module")
+def dir_cluster_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 2-server cluster on this host with a ``--dir`` store: its chunk files can be mapped."""
+    from iosvc.server import LocalCluster
+
+    root = tmp_path_factory.mktemp("dl-in-place")
+    with LocalCluster(2, directory=root / "data", workdir=root / "work") as cluster:
+        assert cluster.spec is not None
+        cluster.spec.save(root / "cluster.json")
+        yield str(root / "cluster.json")
+
+
+def test_shards_on_servers_of_this_host_are_mapped_not_copied(
+    dir_cluster_file: str, prefix: str
+) -> None:
+    from iosvc.client import Client
+
+    url = f"iosvc://{prefix}/mapped"
+    options = {"cluster": dir_cluster_file}
+    samples = make_samples(3000)
+    # Shards > POOLED_MIN: read into pooled buffers, or mapped.
+    summary = write_shards(samples, url, shard_bytes=2 << 20, storage_options=options)
+    assert summary.shards >= 2
+    client = Client(dir_cluster_file)
+    mapped_before = sum(s["in_place_reads"] for s in client.status())
+    ds = StreamingDataset(url, batch_size=BATCH, seed=3, storage_options=options)
+    got = {}
+    for sample in ds:
+        got[sample["id"]] = sample
+        pool = ds._source._pool
+        assert pool is not None and len(pool) == 0  # no read buffer was ever needed
+    assert sorted(got) == list(range(len(samples)))
+    for i, sample in got.items():
+        assert sample["image"] == samples[i]["image"]
+    assert sum(s["in_place_reads"] for s in client.status()) > mapped_before
+    # A shard rewritten after the manifest: the mapped bytes fail the manifest's checksum.
+    fs = fsspec.filesystem("iosvc", **options)
+    path = f"{url}/shard-00001.raw"
+    data = bytearray(fs.cat_file(path))
+    data[-100] ^= 0xFF
+    fs.pipe_file(path, bytes(data))
+    with pytest.raises(ShardCorrupted, match=r"shard-00001.*checksum"):
+        list(StreamingDataset(url, storage_options=options))
