@@ -64,19 +64,19 @@ def epoch_order(
     seq = np.repeat(starts[shard_order] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
     seq += np.arange(n, dtype=np.int64)
     # Spans: equal contiguous parts of the sequence.
-    pos = np.arange(n, dtype=np.int64)
     bounds = (n * np.arange(canonical + 1, dtype=np.int64)) // canonical
-    span = np.searchsorted(bounds, pos, side="right") - 1
-    offset = pos - bounds[span]
+    span = np.repeat(np.arange(canonical, dtype=np.int64), np.diff(bounds))
+    offset = np.arange(n, dtype=np.int64) - bounds[span]
     if shuffle:
         per_window = max(1, round(window * n / len(counts)))
         window_id = span * (n + 1) + offset // per_window
         keys = rng.random(n)
         inside = argsort_within(keys, window_id)  # shuffled within (span, window)
         seq = seq[inside]
-    # Interleave the spans block by block.
-    rounds = offset // block
-    interleave = np.lexsort((pos, span, rounds))
+    # Interleave the spans block by block: by (round, span), then position. Stable, so
+    # positions keep their order within a (round, span); the same as np.lexsort((pos, span,
+    # rounds)), ~5x faster (each span is one ascending run of keys).
+    interleave = np.argsort((offset // block) * canonical + span, kind="stable")
     out: IntArray = seq[interleave]
     return out
 
