@@ -18,10 +18,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import xxhash
 from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
 
+from dataloaders._blocks import BlockChecker
 from dataloaders._errors import ShardCorrupted, ShardNotFound
 from dataloaders._formats import DecodedShard, get_format
 from dataloaders._fs import join
@@ -105,12 +107,14 @@ class ShardFetcher:
         url: str,
         verify: bool = True,
         pool: BufferPool | None = None,
+        whole: bool = False,
     ):
         self.fs = fs
         self.root = root
         self.manifest = manifest
         self.url = url
         self.verify = verify
+        self.whole = whole  # verify every file whole at load, block checksums or not
         self.format = get_format(manifest.format)
         self.pool = pool
         self._client = _read_into_client(fs) if pool is not None else None
@@ -172,19 +176,22 @@ class ShardFetcher:
         got = self.fs.cat(paths, on_error="return")
         return got
 
-    def raw(self, shard: ShardEntry) -> dict[str, Any]:
-        """The bytes of the shard's data files, by relative path, verified."""
+    def _files(self, shard: ShardEntry) -> tuple[dict[str, Any], dict[str, BlockChecker]]:
         rels = self.format.data_files(shard.name, self.manifest.fields)
-        paths = [join(self.root, rel) for rel in rels]
+        with_sums = self.verify and shard.sums is not None and self.format.checks_blocks
+        # Block by block as the samples are read, or every file whole now.
+        by_blocks = with_sums and not self.whole
+        wanted = [*rels, shard.sums.path] if with_sums and shard.sums else rels
+        paths = [join(self.root, rel) for rel in wanted]
         try:
             got = self._read(paths)
         except FileNotFoundError as exc:
             raise ShardNotFound(
                 f"shard {shard.name} of {self.url}: a file is missing ({exc})"
             ) from None
-        expected = {f.path: f for f in shard.files}
+        expected = {f.path: f for f in shard.all_files()}
         out: dict[str, Any] = {}
-        for rel, path in zip(rels, paths, strict=True):
+        for rel, path in zip(wanted, paths, strict=True):
             key = path if path in got else self.fs._strip_protocol(path)
             data = got.get(key)
             if isinstance(data, FileNotFoundError) or data is None:
@@ -198,20 +205,50 @@ class ShardFetcher:
                         f"shard {shard.name} of {self.url}: {rel} has {len(data)} bytes, "
                         f"the manifest says {entry.size}"
                     )
-                if xxhash.xxh3_64_hexdigest(data) != entry.xxh3_64:
+                checked_later = by_blocks and rel in rels
+                if not checked_later and xxhash.xxh3_64_hexdigest(data) != entry.xxh3_64:
                     raise ShardCorrupted(
                         f"shard {shard.name} of {self.url}: {rel} fails its xxh3 checksum "
                         "(corrupted or rewritten after the manifest)"
                     )
             out[rel] = data
-        return out
+        checks: dict[str, BlockChecker] = {}
+        if with_sums and shard.sums is not None:
+            sums = np.frombuffer(out.pop(shard.sums.path), dtype="<u8")
+            at = 0
+            for rel in rels:
+                n_blocks = -(-len(out[rel]) // shard.block)
+                checks[rel] = BlockChecker(
+                    out[rel],
+                    sums[at : at + n_blocks],
+                    shard.block,
+                    f"shard {shard.name} of {self.url}: {rel}",
+                )
+                at += n_blocks
+            if at != len(sums):
+                raise ShardCorrupted(
+                    f"shard {shard.name} of {self.url}: {shard.sums.path} holds {len(sums)} "
+                    f"block checksums, its files have {at} blocks"
+                )
+            if self.whole:  # and the block checksums agree with the files
+                for rel, check in checks.items():
+                    check.check(0, len(out[rel]))
+        return out, checks
 
     def load(self, shard: ShardEntry) -> DecodedShard:
-        files = self.raw(shard)
+        """The decoded shard. Verified whole before decoding, or (``raw`` and ``arrays``
+        shards with block checksums) block by block as its samples are read: either way no
+        byte is used before it is verified."""
+        files, checks = self._files(shard)
         try:
-            return self.format.decode(shard.name, self.manifest.fields, files, shard.samples)
+            return self.format.decode(
+                shard.name, self.manifest.fields, files, shard.samples, checks or None
+            )
         except ShardCorrupted as exc:
-            raise ShardCorrupted(f"shard {shard.name} of {self.url}: {exc}") from None
+            named = f"shard {shard.name} of {self.url}: "
+            if str(exc).startswith(named):  # a block check names it already
+                raise
+            raise ShardCorrupted(named + str(exc)) from None
 
 
 class ShardPrefetcher:

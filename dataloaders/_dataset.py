@@ -57,7 +57,7 @@ def verify_shards(url: str, storage_options: dict[str, Any] | None = None) -> Ma
     Raises :class:`ShardNotFound` or :class:`ShardCorrupted` naming the first bad shard.
     """
     source = _Source(url, storage_options, None)
-    fetcher = source.fetcher(verify=True)
+    fetcher = source.fetcher(verify=True, whole=True)
     for shard in source.manifest.shards:
         fetcher.load(shard)
     return source.manifest
@@ -102,13 +102,14 @@ class _Source:
         """Let go of the reused read buffers (a fetcher still running keeps its own)."""
         self._pool = None
 
-    def fetcher(self, verify: bool, keep_buffers: int = 0) -> ShardFetcher:
-        """Reads shards; with ``keep_buffers``, into up to that many reused buffers."""
+    def fetcher(self, verify: bool, keep_buffers: int = 0, whole: bool = False) -> ShardFetcher:
+        """Reads shards; with ``keep_buffers``, into up to that many reused buffers; with
+        ``whole``, verifies every file whole when it is loaded."""
         fs, root = self.fs_root
         if keep_buffers and self._pool is None:
             self._pool = BufferPool(keep_buffers)
         pool = self._pool if keep_buffers else None
-        return ShardFetcher(fs, root, self.manifest, self.url, verify, pool)
+        return ShardFetcher(fs, root, self.manifest, self.url, verify, pool, whole)
 
 
 def _pairs(a: np.ndarray, b: np.ndarray, step: int = 4096) -> Iterator[tuple[int, int]]:

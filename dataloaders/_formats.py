@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import google_crc32c
@@ -36,6 +36,7 @@ import numcodecs.blosc
 import numpy as np
 import pyarrow as pa
 
+from dataloaders._blocks import BlockChecker
 from dataloaders._codecs import get_codec
 from dataloaders._errors import ShardCorrupted
 from dataloaders._manifest import FieldSpec
@@ -75,6 +76,9 @@ class ShardFormat(ABC):
     """Encoder/decoder of one shard format."""
 
     name: ClassVar[str]
+    #: Its decoded shards check the blocks they read (``checks`` of :meth:`decode`); a
+    #: reader verifies the files of other formats whole before decoding them.
+    checks_blocks: ClassVar[bool] = False
 
     @abstractmethod
     def files(self, shard: str, fields: Sequence[FieldSpec]) -> list[str]:
@@ -92,7 +96,12 @@ class ShardFormat(ABC):
 
     @abstractmethod
     def decode(
-        self, shard: str, fields: Sequence[FieldSpec], files: dict[str, Any], n: int
+        self,
+        shard: str,
+        fields: Sequence[FieldSpec],
+        files: dict[str, Any],
+        n: int,
+        checks: Mapping[str, BlockChecker] | None = None,
     ) -> DecodedShard:
         """The samples of a shard from the bytes of its files."""
 
@@ -110,14 +119,25 @@ def _blob(spec: FieldSpec, value: Any) -> bytes | memoryview:
 
 
 class _RawShard(DecodedShard):
-    def __init__(self, fields: Sequence[FieldSpec], data: Any, n: int, where: str) -> None:
+    def __init__(
+        self,
+        fields: Sequence[FieldSpec],
+        data: Any,
+        n: int,
+        where: str,
+        check: BlockChecker | None = None,
+    ) -> None:
         view = memoryview(data).cast("B")
         if len(view) < _TAIL.size:
             raise ShardCorrupted(f"{where}: too short for a raw shard")
+        if check is not None:
+            check.check(len(view) - _TAIL.size, len(view))
         ends_len, json_len, magic = _TAIL.unpack(view[-_TAIL.size :])
         footer_start = len(view) - _TAIL.size - json_len - ends_len
         if magic != _RAW_MAGIC or footer_start < 0:
             raise ShardCorrupted(f"{where}: not a raw shard (bad footer)")
+        if check is not None:
+            check.check(footer_start, len(view))
         blobs = [spec for spec in fields if spec.kind in ("bytes", "array")]
         ends = np.frombuffer(view[footer_start : footer_start + ends_len], dtype="<u8")
         try:
@@ -136,13 +156,21 @@ class _RawShard(DecodedShard):
         # Blobs are stored sample-major, so a blob starts where the previous one ends. A
         # memoryview indexes without building a Python int per offset up front (a list of
         # them triggers full garbage collections, 0.1 s with torch loaded).
-        self._ends = np.ascontiguousarray(ends, dtype="=u8").data.cast("B").cast("Q")
+        native = np.ascontiguousarray(ends, dtype="=u8")
+        self._ends = native.data.cast("B").cast("Q")
         self._nblob = len(blobs)
+        self._check = check
+        # Where each sample's blobs start and end (for checking a batch's blocks at once).
+        last = native[len(blobs) - 1 :: len(blobs)] if blobs else native
+        self._sample_ends = last.astype(np.int64)
+        self._sample_starts = np.concatenate([[0], self._sample_ends[:-1]]).astype(np.int64)
 
     def sample(self, i: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
         base = i * self._nblob
         view = self._view
+        if self._check is not None and self._nblob:
+            self._check.check(int(self._sample_starts[i]), int(self._sample_ends[i]))
         ends = self._ends
         for k, (name, spec) in enumerate(self._blobs):
             end = ends[base + k]
@@ -163,6 +191,9 @@ class _RawShard(DecodedShard):
         # Blobs (e.g. JPEG bytes) straight into per-field lists, without a dict per sample.
         out: dict[str, Any] = {}
         view, ends, nblob = self._view, self._ends, self._nblob
+        if self._check is not None and nblob:
+            rows = np.asarray(indices, dtype=np.int64)
+            self._check.check_spans(self._sample_starts[rows], self._sample_ends[rows])
         for k, (name, _) in enumerate(self._blobs):
             column = []
             for i in indices:
@@ -178,6 +209,7 @@ class RawFormat(ShardFormat):
     """Blobs back to back, stored as given; a footer of blob end offsets and small fields."""
 
     name = "raw"
+    checks_blocks = True
 
     def files(self, shard: str, fields: Sequence[FieldSpec]) -> list[str]:
         return [f"{shard}.raw"]
@@ -209,9 +241,15 @@ class RawFormat(ShardFormat):
         return {f"{shard}.raw": b"".join(parts)}
 
     def decode(
-        self, shard: str, fields: Sequence[FieldSpec], files: dict[str, Any], n: int
+        self,
+        shard: str,
+        fields: Sequence[FieldSpec],
+        files: dict[str, Any],
+        n: int,
+        checks: Mapping[str, BlockChecker] | None = None,
     ) -> DecodedShard:
-        return _RawShard(fields, files[f"{shard}.raw"], n, f"{shard}.raw")
+        rel = f"{shard}.raw"
+        return _RawShard(fields, files[rel], n, rel, (checks or {}).get(rel))
 
 
 def _scalar_array(spec: FieldSpec, values: Any) -> pa.Array:
@@ -312,8 +350,14 @@ class RecordsFormat(ShardFormat):
         return {f"{shard}.arrow": sink.getvalue().to_pybytes()}
 
     def decode(
-        self, shard: str, fields: Sequence[FieldSpec], files: dict[str, Any], n: int
+        self,
+        shard: str,
+        fields: Sequence[FieldSpec],
+        files: dict[str, Any],
+        n: int,
+        checks: Mapping[str, BlockChecker] | None = None,
     ) -> DecodedShard:
+        # Arrow reads its buffers itself: the reader verified the file whole (no checks).
         return _RecordsShard(fields, files[f"{shard}.arrow"], n, f"{shard}.arrow")
 
 
@@ -379,10 +423,18 @@ def _chunk_key(spec: FieldSpec) -> str:
 
 
 class _ArraysShard(DecodedShard):
-    def __init__(self, fields: Sequence[FieldSpec], files: dict[str, Any], n: int, shard: str):
+    def __init__(
+        self,
+        fields: Sequence[FieldSpec],
+        files: dict[str, Any],
+        n: int,
+        shard: str,
+        checks: Mapping[str, BlockChecker],
+    ):
         self.n = n
         self.nbytes = 0
         self._fields: list[tuple[str, FieldSpec, memoryview, np.ndarray[Any, Any]]] = []
+        self._checks: dict[str, BlockChecker] = {}
         self._cache: dict[str, tuple[int, np.ndarray[Any, Any]]] = {}
         self._blosc = numcodecs.Blosc()
         for spec in fields:
@@ -394,6 +446,10 @@ class _ArraysShard(DecodedShard):
             index_len = 16 * n_inner + 4
             if len(view) < index_len:
                 raise ShardCorrupted(f"{path}: too short for its zarr shard index")
+            check = checks.get(path)
+            if check is not None:
+                check.check(len(view) - index_len, len(view))
+                self._checks[spec.name] = check
             index_bytes = view[len(view) - index_len : len(view) - 4]
             crc = google_crc32c.value(bytes(index_bytes))
             if struct.pack("<I", crc) != bytes(view[len(view) - 4 :]):
@@ -409,6 +465,9 @@ class _ArraysShard(DecodedShard):
         out = np.zeros((chunk, *(spec.shape or ())), dtype=spec.np_dtype)
         offset, length = int(index[j, 0]), int(index[j, 1])
         if offset != _EMPTY:
+            check = self._checks.get(name)
+            if check is not None:
+                check.check(offset, offset + length)
             self._blosc.decode(view[offset : offset + length], out=out)
         self._cache[name] = (j, out)
         return out
@@ -421,7 +480,12 @@ class _ArraysShard(DecodedShard):
                 # One sample per zarr chunk: decode each straight into its row of the batch.
                 rows = np.empty((len(indices), *(spec.shape or ())), dtype=spec.np_dtype)
                 flat = rows.reshape(len(indices), -1)
-                spans = index[np.asarray(indices, dtype=np.int64)].tolist()
+                rows_index = index[np.asarray(indices, dtype=np.int64)]
+                check = self._checks.get(name)
+                if check is not None:
+                    written = rows_index[rows_index[:, 0] != _EMPTY].astype(np.int64)
+                    check.check_spans(written[:, 0], written[:, 0] + written[:, 1])
+                spans = rows_index.tolist()
                 decompress = numcodecs.blosc.decompress  # Blosc.decode's checks cost ~3 us
                 for r, (offset, length) in enumerate(spans):
                     if offset == _EMPTY:
@@ -454,6 +518,7 @@ class ArraysFormat(ShardFormat):
     """zarr v3: per field one array (samples, *shape), one zarr shard of Blosc inner chunks."""
 
     name = "arrays"
+    checks_blocks = True
 
     def check(self, fields: Sequence[FieldSpec]) -> None:
         for spec in fields:
@@ -520,9 +585,14 @@ class ArraysFormat(ShardFormat):
         return out
 
     def decode(
-        self, shard: str, fields: Sequence[FieldSpec], files: dict[str, Any], n: int
+        self,
+        shard: str,
+        fields: Sequence[FieldSpec],
+        files: dict[str, Any],
+        n: int,
+        checks: Mapping[str, BlockChecker] | None = None,
     ) -> DecodedShard:
-        return _ArraysShard(fields, files, n, shard)
+        return _ArraysShard(fields, files, n, shard, checks or {})
 
 
 #: Shard formats by name.

@@ -7,7 +7,12 @@ Example (``manifest.json`` beside the shards)::
                 {"name": "label", "kind": "int", "codec": "none"}],
      "samples": 2, "bytes": 9000, "raw_bytes": 9000,
      "shards": [{"name": "shard-00000", "samples": 2, "raw_bytes": 9000,
-                 "files": [{"path": "shard-00000.raw", "size": 9000, "xxh3_64": "…"}]}]}
+                 "files": [{"path": "shard-00000.raw", "size": 9000, "xxh3_64": "…"}],
+                 "block_sums": {"path": "shard-00000.xxh3", "size": 8, "xxh3_64": "…",
+                                "block": 65536}}]}
+
+``block_sums`` (raw and arrays shards) lets a reader verify a shard block by block as it
+reads it (:mod:`dataloaders._blocks`); every file also has its whole-file checksum.
 
 File paths are relative to the manifest's directory, so a dataset can be copied anywhere
 (``iosvc put -r``, ``cp -r``) and still read.
@@ -100,33 +105,61 @@ class FileEntry:
 
 @dataclass(frozen=True, slots=True)
 class ShardEntry:
-    """One shard: its sample count, uncompressed size and files."""
+    """One shard: its sample count, uncompressed size and files.
+
+    ``sums`` is the shard's block checksums file (see :mod:`dataloaders._blocks`), with
+    ``block`` bytes per checksum, or None (shards written before it, and formats a reader
+    verifies whole).
+    """
 
     name: str
     samples: int
     files: tuple[FileEntry, ...]
     raw_bytes: int = 0
+    sums: FileEntry | None = None
+    block: int = 0
 
     @property
     def bytes(self) -> int:
-        return sum(f.size for f in self.files)
+        """Bytes stored, the block checksums included."""
+        return sum(f.size for f in self.files) + (self.sums.size if self.sums else 0)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "samples": self.samples,
             "raw_bytes": self.raw_bytes,
-            "files": [{"path": f.path, "size": f.size, "xxh3_64": f.xxh3_64} for f in self.files],
+            "files": [_file_json(f) for f in self.files],
         }
+        if self.sums is not None:
+            out["block_sums"] = {**_file_json(self.sums), "block": self.block}
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardEntry:
+        sums = data.get("block_sums")
+        if sums is not None and int(sums["block"]) <= 0:
+            raise ValueError(f"shard {data['name']}: block size {sums['block']}")
         return cls(
             name=data["name"],
             samples=int(data["samples"]),
             raw_bytes=int(data.get("raw_bytes", 0)),
-            files=tuple(FileEntry(f["path"], int(f["size"]), f["xxh3_64"]) for f in data["files"]),
+            files=tuple(_file_of_json(f) for f in data["files"]),
+            sums=None if sums is None else _file_of_json(sums),
+            block=0 if sums is None else int(sums["block"]),
         )
+
+    def all_files(self) -> tuple[FileEntry, ...]:
+        """The data files and the block checksums file."""
+        return self.files + ((self.sums,) if self.sums else ())
+
+
+def _file_json(f: FileEntry) -> dict[str, Any]:
+    return {"path": f.path, "size": f.size, "xxh3_64": f.xxh3_64}
+
+
+def _file_of_json(data: dict[str, Any]) -> FileEntry:
+    return FileEntry(data["path"], int(data["size"]), data["xxh3_64"])
 
 
 @dataclass(frozen=True, slots=True)

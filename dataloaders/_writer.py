@@ -7,12 +7,13 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from dataloaders._blocks import BLOCK, block_sums, sums_path
 from dataloaders._codecs import choose_array_codec, choose_bytes_codec, get_codec
 from dataloaders._errors import ManifestError
 from dataloaders._formats import get_format
@@ -251,15 +252,19 @@ def write_shards(
         assert fields is not None
         name = f"shard-{len(entries):05d}"
         columns = {f.name: [s[f.name] for s in buffer] for f in fields}
-        files = get_format(fmt_name).encode(name, fields, columns, len(buffer))
-        entries.append(
-            ShardEntry(
-                name=name,
-                samples=len(buffer),
-                raw_bytes=raw,
-                files=tuple(FileEntry.of(rel, data) for rel, data in files.items()),
-            )
+        shard_format = get_format(fmt_name)
+        files = shard_format.encode(name, fields, columns, len(buffer))
+        entry = ShardEntry(
+            name=name,
+            samples=len(buffer),
+            raw_bytes=raw,
+            files=tuple(FileEntry.of(rel, data) for rel, data in files.items()),
         )
+        if shard_format.checks_blocks:
+            sums = b"".join(block_sums(files[rel]) for rel in shard_format.data_files(name, fields))
+            files[sums_path(name)] = sums
+            entry = replace(entry, sums=FileEntry.of(sums_path(name), sums), block=BLOCK)
+        entries.append(entry)
         written.update(files)
         pending.put((files, raw))
 
@@ -310,7 +315,10 @@ def write_shards(
     fs.pipe_file(manifest_path, manifest.dumps())
     if old is not None:
         stale = [
-            join(root, f.path) for shard in old.shards for f in shard.files if f.path not in written
+            join(root, f.path)
+            for shard in old.shards
+            for f in shard.all_files()
+            if f.path not in written
         ]
         if stale:
             fs.rm(stale)

@@ -132,7 +132,11 @@ def test_overwrite_and_refusal(local_url: str) -> None:
         write_shards(make_samples(5), local_url)
     write_shards(make_samples(5), local_url, overwrite=True)
     assert len(ShardedDataset(local_url)) == 5
-    assert sorted(p.name for p in Path(local_url).iterdir()) == ["manifest.json", "shard-00000.raw"]
+    assert sorted(p.name for p in Path(local_url).iterdir()) == [
+        "manifest.json",
+        "shard-00000.raw",
+        "shard-00000.xxh3",
+    ]
 
 
 @pytest.mark.parametrize(
