@@ -6,6 +6,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import multiprocessing
+
+# Imported by the first DataLoader that starts workers: here, with the rest of the imports,
+# not on the way to the first batch.
+import multiprocessing.popen_fork
+import multiprocessing.queues
+import multiprocessing.synchronize
 import sys
 from collections.abc import Iterator
 from typing import Any

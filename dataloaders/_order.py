@@ -28,6 +28,7 @@ rank gets the same samples and batches (uneven batch counts deadlock DDP).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,46 +57,58 @@ def epoch_order(
         return np.zeros(0, dtype=np.int64)
     if canonical < 1 or block < 1 or window <= 0:
         raise ValueError("canonical and block must be >= 1 and window > 0")
+    # Few, narrow temporaries: this runs on the way to the first batch, and fresh memory is
+    # slow in VMs (every page of a new array faults); int32 where the ids fit.
+    dtype = np.int32 if n < 2**31 else np.int64
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rng = np.random.default_rng([seed, epoch, 0x10C5])
     shard_order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
-    # Sample ids in shard order (vectorised concatenation of ranges).
-    lengths = counts[shard_order]
-    seq = np.repeat(starts[shard_order] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    seq += np.arange(n, dtype=np.int64)
+    # Sample ids in shard order.
+    seq = np.concatenate(
+        [np.arange(starts[s], starts[s] + counts[s], dtype=dtype) for s in shard_order]
+    )
     # Spans: equal contiguous parts of the sequence.
-    bounds = (n * np.arange(canonical + 1, dtype=np.int64)) // canonical
-    span = np.repeat(np.arange(canonical, dtype=np.int64), np.diff(bounds))
-    offset = np.arange(n, dtype=np.int64) - bounds[span]
+    bounds = ((n * np.arange(canonical + 1, dtype=np.int64)) // canonical).tolist()
     if shuffle:
+        # Shuffled within windows of per_window positions of each span (the last one of a
+        # span shorter): each window's keys argsorted on their own.
         per_window = max(1, round(window * n / len(counts)))
-        window_id = span * (n + 1) + offset // per_window
         keys = rng.random(n)
-        inside = argsort_within(keys, window_id)  # shuffled within (span, window)
-        seq = seq[inside]
+        windows = [
+            (a, min(a + per_window, z))
+            for z0, z in itertools.pairwise(bounds)
+            for a in range(z0, z, per_window)
+        ]
+        seq = seq[argsort_within(keys, windows)]
     # Interleave the spans block by block: by (round, span), then position. Stable, so
     # positions keep their order within a (round, span); the same as np.lexsort((pos, span,
     # rounds)), ~5x faster (each span is one ascending run of keys).
-    interleave = np.argsort((offset // block) * canonical + span, kind="stable")
-    out: IntArray = seq[interleave]
+    span: IntArray = np.repeat(np.arange(canonical, dtype=dtype), np.diff(bounds))
+    rounds: IntArray = np.arange(n, dtype=dtype)
+    span_starts: IntArray = np.asarray(bounds[:-1], dtype=dtype)
+    rounds -= span_starts[span]  # offset in its span
+    rounds //= block
+    rounds *= canonical
+    rounds += span
+    out: IntArray = seq[np.argsort(rounds, kind="stable")].astype(np.int64)
     return out
 
 
-def argsort_within(keys: np.ndarray[Any, Any], group: IntArray) -> IntArray:
-    """``np.lexsort((keys, group))`` for a non-decreasing ``group``: the same result, ~5x
-    faster (25 -> 5 ms for 200k samples, on the first batch's path). Each group's keys are
-    argsorted on their own with numpy's default (unstable, vectorised) sort; a group with
-    equal keys, which a stable sort keeps in index order, is sorted again stably."""
-    n = len(keys)
-    out: IntArray = np.empty(n, dtype=np.int64)
-    bounds = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), n]
-    for a, z in itertools.pairwise(bounds):
+def argsort_within(keys: np.ndarray[Any, Any], windows: Sequence[tuple[int, int]]) -> IntArray:
+    """The permutation that sorts ``keys`` inside each ``[a, z)`` of ``windows`` (which tile
+    ``keys`` in order), stably: ``np.lexsort((keys, window_ids))``, ~5x faster (25 -> 5 ms
+    for 200k samples, on the first batch's path). Each window's keys are argsorted on their
+    own with numpy's default (unstable, vectorised) sort; a window with equal keys, which a
+    stable sort keeps in index order, is sorted again stably."""
+    out: IntArray = np.empty(len(keys), dtype=np.int64)
+    for a, z in windows:
         part = keys[a:z]
         idx = np.argsort(part)
         ordered = part[idx]
         if (ordered[1:] == ordered[:-1]).any():
             idx = np.argsort(part, kind="stable")
-        out[a:z] = idx + a
+        idx += a
+        out[a:z] = idx
     return out
 
 
