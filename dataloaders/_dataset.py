@@ -5,6 +5,7 @@ from __future__ import annotations
 import posixpath
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,19 @@ def _pairs(a: np.ndarray, b: np.ndarray, step: int = 4096) -> Iterator[tuple[int
         yield from zip(a[i : i + step].tolist(), b[i : i + step].tolist(), strict=True)
 
 
+@dataclass
+class _Reading:
+    """One reader's planned epoch: each sample's shard and index in it, each shard's last
+    use, and the prefetcher already loading them."""
+
+    key: tuple[Any, ...]  # what it was planned for (StreamingDataset._reading_key)
+    shard_of: np.ndarray
+    local: np.ndarray
+    last_use: list[int]
+    prefetcher: ShardPrefetcher
+    warm_at: int  # samples in the first batch
+
+
 def _blosc_single_threaded() -> None:
     # Blosc's own threads would fight the DataLoader's worker processes for the cores.
     import numcodecs.blosc
@@ -220,6 +234,7 @@ class StreamingDataset(IterableDataset[Sample]):
         self._source = _Source(url, storage_options, None)
         self._resume_position = 0  # where the current epoch starts (after a resume)
         self._order_block: int | None = None  # the block of the resumed epoch's order
+        self._prepared: _Reading | None = None  # see prepare()
         self._fingerprint: str | None = None  # of the manifest a loaded state came from
         self._taken = 0  # samples this process has yielded in the current epoch
         self._in_epoch = False
@@ -388,8 +403,26 @@ class StreamingDataset(IterableDataset[Sample]):
             sample = shard.sample(j)
             yield sample if transform is None else transform(sample)
 
-    def _sample_refs(self) -> Iterator[tuple[DecodedShard, int]]:
-        """(decoded shard, index in it) of each sample this reader yields, in order."""
+    def prepare(self) -> None:
+        """Plan this reader's epoch and start loading its first shards now, before the
+        first ``next()``. :class:`dataloaders.DataLoader` calls it as each worker starts:
+        a worker otherwise idles until the loader hands it its first request, and only
+        then plans and loads (~10 ms of the first batch here). Used by the next iteration
+        if nothing changed meanwhile (epoch, resume point), else let go."""
+        self._drop_prepared()
+        self._prepared = self._start_reading()
+
+    def _drop_prepared(self) -> None:
+        if self._prepared is not None:
+            self._prepared.prefetcher.close()
+            self._prepared = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_prepared"] = None  # threads and open shards stay in their process
+        return state
+
+    def _start_reading(self) -> _Reading:
         world = World.detect()
         if world.num_workers > 1 and self.batch_size is None:
             raise ValueError(
@@ -438,13 +471,32 @@ class StreamingDataset(IterableDataset[Sample]):
             threads=self.io_threads,
             first=first_batch,
         )
-        warm_at = min(block, len(shard_of))
+        return _Reading(
+            self._reading_key(),
+            shard_of,
+            local,
+            last_use.tolist(),
+            prefetcher,
+            min(block, len(ids)),
+        )
+
+    def _reading_key(self) -> tuple[Any, ...]:
+        return (self.epoch, self._resume_position, self.num_canonical, self.seed, self.shuffle)
+
+    def _sample_refs(self) -> Iterator[tuple[DecodedShard, int]]:
+        """(decoded shard, index in it) of each sample this reader yields, in order."""
+        reading = self._prepared
+        if reading is None or reading.key != self._reading_key():
+            self._drop_prepared()  # planned for another epoch or resume point
+            reading = self._start_reading()
+        self._prepared = None
+        epoch = self.epoch
+        prefetcher, last, warm_at = reading.prefetcher, reading.last_use, reading.warm_at
         self._in_epoch = True
         self._taken = 0
         loaded: dict[int, DecodedShard] = {}
-        last = last_use.tolist()
         try:
-            for k, (s, j) in enumerate(_pairs(shard_of, local)):
+            for k, (s, j) in enumerate(_pairs(reading.shard_of, reading.local)):
                 if k == warm_at:  # the first batch is made (and on its way)
                     prefetcher.warm()
                 shard = loaded.get(s)

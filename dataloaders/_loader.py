@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import multiprocessing
 
@@ -33,6 +34,20 @@ __all__ = ["DataLoader", "forks_workers", "grpc_used_before_fork", "widen_result
 
 def _identity(batch: Any) -> Any:
     return batch
+
+
+def _start_worker(user_init: Any, worker_id: int) -> None:
+    """A worker's ``worker_init_fn``: the user's, then :meth:`StreamingDataset.prepare`, so
+    the worker plans its epoch and loads its first shards while the loader is still starting
+    the other workers, instead of after its first request arrives."""
+    if user_init is not None:
+        user_init(worker_id)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, StreamingDataset):
+        # A failure here (say, a missing manifest) is met again, and reported as usual, by
+        # the iteration, which then plans afresh.
+        with contextlib.suppress(Exception):
+            info.dataset.prepare()
 
 
 def grpc_used_before_fork(url: str) -> bool:
@@ -120,6 +135,8 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
       worker's first full collection otherwise touched every page of a torch-sized heap:
       0.1-0.2 s and 40 MB per worker before its first batch on this project's 2-core VM;
     - widens the pipe that carries batches from the workers (see :func:`widen_result_pipe`);
+    - has each worker plan its epoch and start loading its first shards as it starts
+      (:meth:`StreamingDataset.prepare`, after your ``worker_init_fn`` if you pass one);
     - advances the dataset's epoch after each complete pass (persistent workers too), and
       restarts persistent workers when the epoch or state was changed by hand;
     - offers :meth:`state_dict` / :meth:`load_state_dict` counting the batches you consumed.
@@ -141,6 +158,10 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
             # and the DataLoader moves one object per batch.
             fast = kwargs.get("collate_fn") is None and kwargs.get("batch_sampler") is None
         self._choose_context = kwargs.get("multiprocessing_context") is None
+        if isinstance(dataset, StreamingDataset):
+            kwargs["worker_init_fn"] = functools.partial(
+                _start_worker, kwargs.get("worker_init_fn")
+            )
         self._batch = batch_size
         if fast:
             drop_last = bool(kwargs.pop("drop_last", False))

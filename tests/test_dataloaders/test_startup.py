@@ -242,3 +242,45 @@ def test_shards_on_servers_of_this_host_are_mapped_not_copied(
     fs.pipe_file(path, bytes(data))
     with pytest.raises(ShardCorrupted, match=r"shard-00001.*checksum"):
         list(StreamingDataset(url, storage_options=options))
+
+
+def test_a_prepared_epoch_is_the_same_epoch(small_dataset: str) -> None:
+    """prepare() plans ahead; the iteration that follows yields exactly what it would have,
+    and a plan made for another epoch is dropped, not used."""
+    expected = [s["id"] for s in StreamingDataset(small_dataset, seed=4)]
+    ds = StreamingDataset(small_dataset, seed=4)
+    ds.prepare()
+    assert ds._prepared is not None
+    assert [s["id"] for s in ds] == expected
+    assert ds._prepared is None  # used once
+    next_epoch = StreamingDataset(small_dataset, seed=4)
+    next_epoch.set_epoch(1)
+    ds = StreamingDataset(small_dataset, seed=4)
+    ds.prepare()
+    ds.set_epoch(1)
+    assert [s["id"] for s in ds] == [s["id"] for s in next_epoch] != expected
+
+
+def _mark_worker(worker_id: int) -> None:
+    os.environ["DL_TEST_WORKER"] = str(worker_id)
+
+
+def _worker_mark(sample: dict[str, Any]) -> dict[str, Any]:
+    return {**sample, "mark": int(os.environ.get("DL_TEST_WORKER", "-1"))}
+
+
+def _batches_of(url: str) -> list[tuple[list[int], list[int]]]:
+    ds = StreamingDataset(url, seed=1, transform=_worker_mark)
+    loader = DataLoader(ds, batch_size=BATCH, num_workers=2, worker_init_fn=_mark_worker)
+    return [(b["id"].tolist(), b["mark"].tolist()) for b in loader]
+
+
+def test_workers_prepare_their_epoch_after_the_users_init(
+    small_dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = _batches_of(small_dataset)
+    assert {m for _, marks in batches for m in marks} == {0, 1}  # the user's init ran
+    assert sorted(i for ids, _ in batches for i in ids) == list(range(N))
+    # The same batches, in the same order, from workers that plan only when first asked.
+    monkeypatch.setattr(StreamingDataset, "prepare", lambda self: None)
+    assert _batches_of(small_dataset) == batches
