@@ -25,8 +25,10 @@ so they run in a separate venv (torch 2.14.1 + torchvision 0.29.1 from this mach
 ``~/.cache/iosvc/bench-dataloader-venv``).
 
 Each cell: samples/s and MB/s (payload bytes delivered per second) over the whole epoch
-including start-up, time to first batch, peak RSS of the reader and its workers (sum, sampled
-every 20 ms), bytes on disk (or on the iosvc servers), or ``error``. The machine has 2 cores;
+including start-up, time to first batch (the median of the epoch's and of ``PROBES`` more
+fresh processes that stop at their first batch; all kept in ``first_batch_probes_s``), peak
+RSS of the reader and its workers (sum, sampled every 20 ms), bytes on disk (or on the iosvc
+servers), or ``error``. The machine has 2 cores;
 the iosvc servers share them with the reader. Every clock starts after the system's imports
 and a ``gc.collect()``, so no system's start-up pays for a collection its imports left due.
 """
@@ -42,6 +44,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +70,7 @@ PEERS = {"mosaicml-streaming", "litdata"}  # run in the peer venv
 DATASETS = ["images", "arrays"]
 BATCH = 256
 WORKERS = 2
+PROBES = 6  # extra fresh processes timing the first batch only
 DEFAULT_PEER_VENV = Path.home() / ".cache" / "iosvc" / "bench-dataloader-venv"
 PEER_REQUIREMENTS = [
     "torch==2.14.1",
@@ -319,8 +323,11 @@ def _rss_tree(pid: int) -> int:
     return total
 
 
-def read_epoch(system: str, dataset: str, location: str) -> dict[str, Any]:
-    """One shuffled epoch in this (fresh) process: the measurement."""
+def read_epoch(
+    system: str, dataset: str, location: str, first_only: bool = False
+) -> dict[str, Any]:
+    """One shuffled epoch in this (fresh) process: the measurement (with ``first_only``,
+    up to the first batch: a probe of the time to first batch)."""
     peak = [0]
     stop = threading.Event()
 
@@ -361,6 +368,9 @@ def read_epoch(system: str, dataset: str, location: str) -> dict[str, Any]:
     for batch in loader:
         if first is None:
             first = time.perf_counter() - t0
+            if first_only:
+                stop.set()
+                return {"first_batch_s": first}
         labels = batch["label"]
         samples += len(labels)
         if dataset == "images":
@@ -388,12 +398,12 @@ def read_epoch(system: str, dataset: str, location: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------- orchestration
 def _child(args: argparse.Namespace) -> None:
-    """``--child write|read SYSTEM DATASET N LOCATION``: one step in a fresh process."""
+    """``--child write|read|first SYSTEM DATASET N LOCATION``: one step in a fresh process."""
     action, system, dataset, n, location = args.child
     if action == "write":
         out = {"bytes_on_disk": WRITERS[system](dataset, int(n), location)}
     else:
-        out = read_epoch(system, dataset, location)
+        out = read_epoch(system, dataset, location, first_only=action == "first")
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -528,6 +538,20 @@ def main() -> None:
                     )
                     if cell["samples"] < n:
                         cell["error"] = f"read {cell['samples']} of {n} samples"
+                    # A first batch takes 0.05-0.2 s, within the noise of one sample on a
+                    # shared VM: the figure is the median of the epoch's and PROBES more
+                    # fresh processes that stop at their first batch.
+                    probes = [cell["first_batch_s"]] + [
+                        _run_child(
+                            python,
+                            ["first", system, dataset, str(n), location],
+                            env_of,
+                            timeout=600,
+                        )["first_batch_s"]
+                        for _ in range(PROBES)
+                    ]
+                    cell["first_batch_probes_s"] = probes
+                    cell["first_batch_s"] = statistics.median(probes)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     cell["error"] = str(exc)
                 results[dataset][system] = cell
