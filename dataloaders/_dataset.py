@@ -133,6 +133,17 @@ class _Reading:
     warm_at: int  # samples in the first batch
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor:
+    """An uninitialised tensor for a batch: in shared memory inside a DataLoader worker
+    (what the batch is sent in anyway), else ordinary memory."""
+    empty = torch.from_numpy(np.empty(0, dtype=dtype))
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=empty.dtype)
+    numel = int(np.prod(shape))
+    storage = empty._typed_storage()._new_shared(numel, device=empty.device)  # type: ignore[no-untyped-call]
+    return empty.new(storage).resize_(*shape)
+
+
 def _blosc_single_threaded() -> None:
     # Blosc's own threads would fight the DataLoader's worker processes for the cores.
     import numcodecs.blosc
@@ -354,20 +365,24 @@ class StreamingDataset(IterableDataset[Sample]):
                 group = groups[id(shard)] = (shard, [], [])
             group[1].append(pos)
             group[2].append(j)
-        parts = [(positions, shard.take(js, fields)) for shard, positions, js in groups.values()]
         n = len(refs)
         out: dict[str, Any] = {}
-        for spec in fields:
-            if spec.kind == "array":
-                if len(parts) == 1:
-                    column = parts[0][1][spec.name]
-                else:
-                    first = parts[0][1][spec.name]
-                    column = np.empty((n, *first.shape[1:]), dtype=first.dtype)
-                    for positions, taken in parts:
-                        column[positions] = taken[spec.name]
-                out[spec.name] = torch.from_numpy(column)
-                continue
+        # Array fields are decoded straight into their rows of the batch tensor, which in a
+        # worker is allocated in shared memory (as default_collate does): no per-shard
+        # arrays to copy from, and no copy into shared memory when the batch is sent.
+        arrays = [spec for spec in fields if spec.kind == "array"]
+        for spec in arrays:
+            column = _batch_tensor((n, *(spec.shape or ())), spec.np_dtype)
+            rows = column.numpy()
+            for shard, positions, js in groups.values():
+                shard.take_into(js, spec, rows, positions)
+            out[spec.name] = column
+        others = [spec for spec in fields if spec.kind != "array"]
+        parts = [
+            (positions, shard.take(js, others) if others else {})
+            for shard, positions, js in groups.values()
+        ]
+        for spec in others:
             values: list[Any] = [None] * n
             for positions, taken in parts:
                 for pos, value in zip(positions, taken[spec.name], strict=True):
@@ -378,7 +393,7 @@ class StreamingDataset(IterableDataset[Sample]):
                 out[spec.name] = torch.tensor(values, dtype=torch.float64)
             else:
                 out[spec.name] = values
-        return out
+        return {spec.name: out[spec.name] for spec in fields}  # in the manifest's order
 
     def _collate(self, samples: list[Any]) -> Any:
         """What ``default_collate`` makes of ``samples``, faster for the known fields."""

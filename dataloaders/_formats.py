@@ -60,6 +60,13 @@ class DecodedShard(ABC):
     def sample(self, i: int) -> dict[str, Any]:
         """Sample ``i`` of the shard as a dict of field values."""
 
+    def take_into(
+        self, indices: Sequence[int], spec: FieldSpec, out: np.ndarray[Any, Any], rows: list[int]
+    ) -> None:
+        """Write array field ``spec`` of samples ``indices`` into ``out[rows]``. The default
+        goes through :meth:`take`; formats override it to decode straight into ``out``."""
+        out[rows] = self.take(indices, [spec])[spec.name]
+
     def take(self, indices: Sequence[int], fields: Sequence[FieldSpec]) -> dict[str, Any]:
         """Samples ``indices`` as columns: an array field as one ``(k, *shape)`` array, every
         other field as a list. The default builds each sample; formats override it to decode
@@ -472,26 +479,48 @@ class _ArraysShard(DecodedShard):
         self._cache[name] = (j, out)
         return out
 
+    def take_into(
+        self, indices: Sequence[int], spec: FieldSpec, out: np.ndarray[Any, Any], rows: list[int]
+    ) -> None:
+        for name, _, view, index in self._fields:
+            if name == spec.name and spec.kind == "array" and (spec.chunk or 1) == 1:
+                self._decode_rows(name, view, index, indices, out.reshape(len(out), -1), rows)
+                return
+        super().take_into(indices, spec, out, rows)
+
+    def _decode_rows(
+        self,
+        name: str,
+        view: memoryview,
+        index: np.ndarray[Any, Any],
+        indices: Sequence[int],
+        flat: np.ndarray[Any, Any],
+        rows: Sequence[int],
+    ) -> None:
+        """One sample per zarr chunk: decode sample ``indices[k]`` into ``flat[rows[k]]``."""
+        rows_index = index[np.asarray(indices, dtype=np.int64)]
+        check = self._checks.get(name)
+        if check is not None:
+            written = rows_index[rows_index[:, 0] != _EMPTY].astype(np.int64)
+            check.check_spans(written[:, 0], written[:, 0] + written[:, 1])
+        decompress = numcodecs.blosc.decompress  # Blosc.decode's checks cost ~3 us
+        for r, (offset, length) in zip(rows, rows_index.tolist(), strict=True):
+            if offset == _EMPTY:
+                flat[r] = 0
+            else:
+                decompress(view[offset : offset + length], flat[r])
+
     def take(self, indices: Sequence[int], fields: Sequence[FieldSpec]) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        wanted = {spec.name for spec in fields}
         for name, spec, view, index in self._fields:
+            if name not in wanted:
+                continue
             chunk = spec.chunk or 1
             if spec.kind == "array" and chunk == 1:
-                # One sample per zarr chunk: decode each straight into its row of the batch.
                 rows = np.empty((len(indices), *(spec.shape or ())), dtype=spec.np_dtype)
                 flat = rows.reshape(len(indices), -1)
-                rows_index = index[np.asarray(indices, dtype=np.int64)]
-                check = self._checks.get(name)
-                if check is not None:
-                    written = rows_index[rows_index[:, 0] != _EMPTY].astype(np.int64)
-                    check.check_spans(written[:, 0], written[:, 0] + written[:, 1])
-                spans = rows_index.tolist()
-                decompress = numcodecs.blosc.decompress  # Blosc.decode's checks cost ~3 us
-                for r, (offset, length) in enumerate(spans):
-                    if offset == _EMPTY:
-                        flat[r] = 0
-                    else:
-                        decompress(view[offset : offset + length], flat[r])
+                self._decode_rows(name, view, index, indices, flat, range(len(indices)))
                 out[name] = rows
                 continue
             values = [self._chunk(name, spec, view, index, i // chunk)[i % chunk] for i in indices]

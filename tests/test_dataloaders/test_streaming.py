@@ -250,6 +250,7 @@ def test_public_api() -> None:
         (0, "arrays"),
         (2, "arrays"),
         (0, "arrays-16k"),
+        (2, "arrays-16k"),
         (0, "raw"),
         (2, "raw-bytes"),
     ],
@@ -294,3 +295,21 @@ def test_drop_last(small_dataset: str) -> None:
     batches = list(loader)
     assert len(batches) == len(loader) == N // 32
     assert all(len(b["id"]) == 32 for b in batches)
+
+
+def test_array_batches_are_made_in_shared_memory_inside_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's batch goes to the main process in shared memory: decoded there directly,
+    it is not copied again when sent."""
+    import numpy as np
+
+    from dataloaders._dataset import _batch_tensor
+
+    here = _batch_tensor((4, 3), np.dtype("float32"))
+    assert here.shape == (4, 3) and here.dtype == torch.float32 and not here.is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    shared = _batch_tensor((4, 3), np.dtype("<i8"))
+    assert shared.shape == (4, 3) and shared.dtype == torch.int64 and shared.is_shared()
+    shared.numpy()[:] = 7  # the numpy view writes the tensor's shared storage
+    assert int(shared.sum()) == 84
