@@ -5,6 +5,7 @@ Real servers on local-disk stores (``--dir``), real files.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,6 +167,9 @@ def test_a_corrupt_chunk_file_is_caught_when_mapped(disk_cluster: LocalCluster) 
     victim.write_bytes(bytes(raw))
     with pytest.raises(DataCorruption, match=r"chunk 1 .* failed its checksum"):
         client._run(client.aio.map, client.info("ip/map-bad"))
+    # A caller that checks the bytes itself as it reads them maps without the chunk check.
+    view = client._run(functools.partial(client.aio.map, verify=False), client.info("ip/map-bad"))
+    assert view is not None and bytes(view[MiB : 2 * MiB]) == bytes(raw[:MiB])
 
 
 def test_a_truncated_chunk_file_is_never_mapped(disk_cluster: LocalCluster) -> None:

@@ -413,7 +413,7 @@ class AsyncClient:
         await self._fetch(info, start, end, copy, target=out)
         return max(0, end - start)
 
-    async def map(self, info: FileInfo) -> memoryview | None:
+    async def map(self, info: FileInfo, *, verify: bool = True) -> memoryview | None:
         """The whole version as one read-only view mapped from the servers' chunk files.
 
         For a reader on the servers' host (a node-local burst buffer): every chunk is
@@ -426,6 +426,11 @@ class AsyncClient:
         Returns None, so that the caller reads the ordinary way (:meth:`read_into`), when
         mapping cannot help: an empty file, not Linux, chunks that are not page-aligned,
         reads in place turned off, or a server of the file known not to be on this host.
+
+        ``verify=False`` skips the chunk checksums of mapped chunks (chunks that come through
+        gRPC are still checked): for a caller that checks the bytes itself, end to end, as
+        it reads them (the dataloaders' block checksums), so the file is not read whole
+        here first.
         """
         size = info["size"]
         off = os.environ.get("IOSVC_READ_IN_PLACE") == "0" or wire.host_id() is None
@@ -437,7 +442,7 @@ class AsyncClient:
         if servers & (self._sends_bytes | self._not_in_place):
             return None
         region = MappedFile(size)
-        await self._fetch(info, 0, size, region.copy, target=region)
+        await self._fetch(info, 0, size, region.copy, target=region, verify_mapped=verify)
         return region.view()
 
     async def _fetch(
@@ -448,6 +453,7 @@ class AsyncClient:
         sink: Callable[[int, memoryview], None],
         *,
         target: memoryview | MappedFile | None = None,
+        verify_mapped: bool = True,
     ) -> None:
         """Fetch ``[start, end)`` of a version, one stream per server, in parallel.
 
@@ -483,7 +489,9 @@ class AsyncClient:
         async def fetch(server: int, plan: list[tuple[int, int, list[Any]]]) -> None:
             host = self._in_place_host(server)
             while plan:
-                plan = await self._stream_chunks(server, plan, host, info, sink, target)
+                plan = await self._stream_chunks(
+                    server, plan, host, info, sink, target, verify_mapped
+                )
                 host = None  # what could not be read in place comes through the server
 
         await asyncio.gather(*(fetch(s, p) for s, p in plans.items()))
@@ -496,6 +504,7 @@ class AsyncClient:
         info: FileInfo,
         sink: Callable[[int, memoryview], None],
         target: memoryview | MappedFile | None,
+        verify_mapped: bool = True,
     ) -> list[tuple[int, int, list[Any]]]:
         """One ``ReadChunks`` stream (with retries); returns the pieces told to be read in
         place that could not be (to fetch again through the server, which answers NotFound
@@ -512,18 +521,21 @@ class AsyncClient:
             async for reply in method(wire.pack(header), timeout=self.timeout):
                 header, payload = wire.unpack(reply)
                 index, offset, spec = plan[header["i"]]
-                direct = False
+                direct = check = False
                 if "path" in header:
                     read = self._read_in_place(server, header["path"], spec, target, offset)
                     if read is None:
                         again.append(plan[header["i"]])
                         continue
                     payload, direct = read, target is not None
-                elif host is not None:
-                    self._sends_bytes.add(server)
+                    check = verify_mapped or not isinstance(target, MappedFile)
+                else:
+                    check = True
+                    if host is not None:
+                        self._sends_bytes.add(server)
                 if len(payload) != spec[2]:
                     raise DataCorruption(f"{info['name']}: chunk {index} is short")
-                if spec[3] and xxhash.xxh3_64_intdigest(payload) != checksums[index]:
+                if check and spec[3] and xxhash.xxh3_64_intdigest(payload) != checksums[index]:
                     raise DataCorruption(
                         f"{info['name']}: chunk {index} from {self.spec.servers[server]} "
                         "failed its checksum"
