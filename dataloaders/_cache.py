@@ -10,6 +10,7 @@ the budget slows the reader down instead of deadlocking it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import sys
@@ -35,6 +36,23 @@ POOLED_MIN = 1 << 20  # files smaller than this are read into fresh buffers
 _ROUND = 4096  # pages
 
 
+def _fresh_buffer(size: int) -> mmap.mmap:
+    """``size`` bytes of private anonymous memory, in huge pages where the kernel has them.
+
+    A fresh 64 MiB ``bytearray`` took 25-31 ms of page faults to fill here (16k faults, each
+    costly in a VM); the same memory with ``MADV_HUGEPAGE`` (THP in ``madvise`` mode, the
+    default of many distributions) 3.5-5 ms (32 faults). A full ``iosvc://`` images epoch
+    over gRPC: 226k -> ~50k page faults per worker, ~40k -> ~44k samples/s (4 alternating
+    pairs).
+    """
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        with contextlib.suppress(OSError):
+            buf.madvise(advice)
+    return buf
+
+
 class BufferPool:
     """Reusable read buffers for whole shard files.
 
@@ -48,15 +66,15 @@ class BufferPool:
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
         self.reused = 0  # buffers handed out again (a statistic)
-        self._buffers: list[bytearray] = []
+        self._buffers: list[mmap.mmap] = []
         self._lock = threading.Lock()
         # References to a buffer only the pool holds, counted as get() counts them (the
         # list, the loop variable, getrefcount's argument; interpreters differ).
-        probe = [bytearray(1)]
+        probe = [_fresh_buffer(_ROUND)]
         for buf in probe:
             self._free = sys.getrefcount(buf)
 
-    def get(self, size: int) -> bytearray:
+    def get(self, size: int) -> mmap.mmap:
         """A buffer of at least ``size`` bytes that nothing else refers to."""
         with self._lock:
             for buf in self._buffers:
@@ -64,7 +82,7 @@ class BufferPool:
                     self.reused += 1
                     return buf
             # Room for the slightly larger shards that follow (sizes vary by a few %).
-            buf = bytearray(-(-(size + size // 16) // _ROUND) * _ROUND)
+            buf = _fresh_buffer(-(-(size + size // 16) // _ROUND) * _ROUND)
             if len(self._buffers) < self.keep:
                 self._buffers.append(buf)
             else:  # replace a free buffer of the wrong size, if any
