@@ -109,8 +109,3 @@ class BlockChecker:
                         "fail their xxh3 checksum (corrupted or rewritten after the manifest)"
                     )
                 done[k] = True
-
-    @property
-    def complete(self) -> bool:
-        """Every block has been verified."""
-        return bool(self._done.all())

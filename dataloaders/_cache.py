@@ -199,10 +199,10 @@ class ShardFetcher:
 
     def _files(self, shard: ShardEntry) -> tuple[dict[str, Any], dict[str, BlockChecker]]:
         rels = self.format.data_files(shard.name, self.manifest.fields)
-        with_sums = self.verify and shard.sums is not None and self.format.checks_blocks
+        sums_file = shard.sums if self.verify and self.format.checks_blocks else None
         # Block by block as the samples are read, or every file whole now.
-        by_blocks = with_sums and not self.whole
-        wanted = [*rels, shard.sums.path] if with_sums and shard.sums else rels
+        by_blocks = sums_file is not None and not self.whole
+        wanted = [*rels, sums_file.path] if sums_file is not None else rels
         paths = [join(self.root, rel) for rel in wanted]
         try:
             got = self._read(paths)
@@ -234,8 +234,8 @@ class ShardFetcher:
                     )
             out[rel] = data
         checks: dict[str, BlockChecker] = {}
-        if with_sums and shard.sums is not None:
-            sums = np.frombuffer(out.pop(shard.sums.path), dtype="<u8")
+        if sums_file is not None:
+            sums = np.frombuffer(out.pop(sums_file.path), dtype="<u8")
             at = 0
             for rel in rels:
                 n_blocks = -(-len(out[rel]) // shard.block)
@@ -248,7 +248,7 @@ class ShardFetcher:
                 at += n_blocks
             if at != len(sums):
                 raise ShardCorrupted(
-                    f"shard {shard.name} of {self.url}: {shard.sums.path} holds {len(sums)} "
+                    f"shard {shard.name} of {self.url}: {sums_file.path} holds {len(sums)} "
                     f"block checksums, its files have {at} blocks"
                 )
             if self.whole:  # and the block checksums agree with the files

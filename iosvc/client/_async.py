@@ -433,13 +433,12 @@ class AsyncClient:
         here first.
         """
         size = info["size"]
-        off = os.environ.get("IOSVC_READ_IN_PLACE") == "0" or wire.host_id() is None
-        if off or size == 0 or not can_map(info["chunk_size"]):
+        if size == 0 or not can_map(info["chunk_size"]):
             return None
         home = self.placement.home(info["name"])
         n_chunks = -(-size // info["chunk_size"])
         servers = {self.placement.chunk_server(home, i) for i in range(n_chunks)}
-        if servers & (self._sends_bytes | self._not_in_place):
+        if servers & self._sends_bytes or any(self._in_place_host(s) is None for s in servers):
             return None
         region = MappedFile(size)
         await self._fetch(info, 0, size, region.copy, target=region, verify_mapped=verify)

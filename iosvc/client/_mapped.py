@@ -85,7 +85,6 @@ class MappedFile:
         if size <= 0:
             raise ValueError("nothing to map")
         self.size = size
-        self.mapped = 0  # bytes mapped from chunk files (the rest was copied)
         self._length = _pages(size)
         # Anonymous, private and unreserved: untouched pages cost nothing, and a chunk that is
         # copied in (not mapped) lands here.
@@ -125,7 +124,6 @@ class MappedFile:
             0,
         )
         _checked(address, "mmap of a chunk file")
-        self.mapped += length
         return self._writable[offset : offset + length].toreadonly()
 
     def copy(self, offset: int, data: memoryview | bytes) -> None:
