@@ -12,7 +12,9 @@ Datasets (made here, deterministic; nothing downloaded):
   formula: sines plus N(0, 0.05) noise) plus an int label; 1 GiB (128 MiB with ``--quick``).
 
 Systems: ``iosvc-local`` (dataloaders.StreamingDataset on local disk), ``iosvc-remote`` (the
-same shards on a 2-server iosvc cluster started here, DRAM store: every byte through gRPC),
+same shards on a 2-server iosvc cluster started here, DRAM store: every byte over the servers'
+data ports, see ``iosvc/dataplane.py``), ``iosvc-remote-grpc`` (the same servers with
+``IOSVC_DATA_PLANE=0``: every byte through gRPC, as before the data plane),
 ``iosvc-remote-dir`` (the same on 2 servers with a ``--dir`` store on tmpfs, DRAM: the
 client reads the chunk files in place, as it does from any server on its own host),
 ``files`` (one file per sample, map-style Dataset), ``webdataset`` (tar shards),
@@ -60,13 +62,14 @@ import numpy as np
 SYSTEMS = [
     "iosvc-local",
     "iosvc-remote",
+    "iosvc-remote-grpc",
     "iosvc-remote-dir",
     "files",
     "webdataset",
     "mosaicml-streaming",
     "litdata",
 ]
-REMOTE = {"iosvc-remote", "iosvc-remote-dir"}
+REMOTE = {"iosvc-remote", "iosvc-remote-grpc", "iosvc-remote-dir"}
 PEERS = {"mosaicml-streaming", "litdata"}  # run in the peer venv
 DATASETS = ["images", "arrays"]
 BATCH = 256
@@ -213,6 +216,7 @@ def write_litdata(dataset: str, n: int, out: str) -> int:
 WRITERS: dict[str, Callable[[str, int, str], int]] = {
     "iosvc-local": write_ours,
     "iosvc-remote": write_ours,
+    "iosvc-remote-grpc": write_ours,
     "iosvc-remote-dir": write_ours,
     "files": write_files,
     "webdataset": write_webdataset,
@@ -346,6 +350,7 @@ def read_epoch(
     modules = {
         "iosvc-local": "dataloaders",
         "iosvc-remote": "dataloaders",
+        "iosvc-remote-grpc": "dataloaders",
         "iosvc-remote-dir": "dataloaders",
         "webdataset": "webdataset",
         "mosaicml-streaming": "streaming",
@@ -496,6 +501,8 @@ def main() -> None:
         on_disk.spec.save(work / "cluster-dir.json")
         env = {**os.environ, "IOSVC_CLUSTER": str(work / "cluster.json"), "OMP_NUM_THREADS": "1"}
         env_dir = {**env, "IOSVC_CLUSTER": str(work / "cluster-dir.json")}
+        # The same servers, every read through gRPC instead of the data port (iosvc.dataplane)
+        env_grpc = {**env, "IOSVC_DATA_PLANE": "0"}
         for dataset in args.datasets:
             n = n_by_dataset[dataset]
             results[dataset] = {}
@@ -519,9 +526,13 @@ def main() -> None:
                         continue
                     python = peer_python
                 location = (
-                    f"iosvc://bench/{dataset}" if system in REMOTE else str(work / dataset / system)
+                    f"iosvc://bench/{dataset}/{system}"
+                    if system in REMOTE
+                    else str(work / dataset / system)
                 )
-                env_of = env_dir if system == "iosvc-remote-dir" else env
+                env_of = {"iosvc-remote-dir": env_dir, "iosvc-remote-grpc": env_grpc}.get(
+                    system, env
+                )
                 try:
                     t = time.perf_counter()
                     written = _run_child(

@@ -10,8 +10,10 @@ Peers, measured in the same run so that ratios are not skewed by a noisy machine
 iosvc (``LocalCluster(2, memory=...)``, a client on uvloop in this process):
 
 * ``read_large_bps``: ``AsyncClient.read_into(info, window, start)`` over the whole file with a
-  reused window buffer: the fair peer of ``readinto``. ``read_large_bytes_bps``: the naive path,
-  ``AsyncClient.read(path)`` returning one ``bytes``.
+  reused window buffer: the fair peer of ``readinto``. Bytes come over the servers' data
+  ports (``iosvc/dataplane.py``); ``read_large_grpc_bps`` is the same through gRPC only
+  (``IOSVC_DATA_PLANE=0``), alternated with it repeat by repeat. ``read_large_bytes_bps``:
+  the naive path, ``AsyncClient.read(path)`` returning one ``bytes``.
 * ``write_large_bps``: ``AsyncClient.write(path, data)`` of the whole file. Timed writes go to
   a server whose previous copy was removed, so the servers reuse freed heap; the first
   (cold) write, which faults in fresh server memory, is reported as ``write_large_first_bps``.
@@ -286,15 +288,31 @@ async def bench_iosvc(
         if view[:n] != memoryview(data)[start : start + n]:
             raise SystemExit(f"read_into returned wrong bytes at offset {start}")
 
-    async def read_all_into() -> None:
-        for start in range(0, size, len(window)):
-            await client.read_into(info, window, start)
+    # The same reads through gRPC only (IOSVC_DATA_PLANE=0, read at client construction):
+    # the peer of the data port (iosvc/dataplane.py), alternated with it repeat by repeat.
+    os.environ["IOSVC_DATA_PLANE"] = "0"
+    try:
+        grpc_client = AsyncClient(spec)
+    finally:
+        del os.environ["IOSVC_DATA_PLANE"]
 
-    read = Phase(meter)
+    def read_all_into(reader: Any) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            for start in range(0, size, len(window)):
+                await reader.read_into(info, window, start)
+
+        return run
+
+    await read_all_into(grpc_client)()  # its channels up, as the other client's are
+    read, read_grpc = Phase(meter), Phase(meter)
     for _ in range(repeats):
-        await timed(read, size, read_all_into)
+        await timed(read, size, read_all_into(client))
+        await timed(read_grpc, size, read_all_into(grpc_client))
+    await grpc_client.close()
     res["read_large_bps"] = summarize(read.rates)
     cpu["read_large"] = read.cpu_report(GiB, "CPU-s per GiB")
+    res["read_large_grpc_bps"] = summarize(read_grpc.rates)
+    cpu["read_large_grpc"] = read_grpc.cpu_report(GiB, "CPU-s per GiB")
 
     # ---- large read returning bytes (the naive path)
     read_bytes = Phase(meter)
@@ -431,6 +449,7 @@ def render(result: dict[str, Any]) -> None:
         ("raw_tcp_bps", "GB/s", bps, None),
         ("page_cache_bps", "GB/s", bps, None),
         ("read_large_bps", "GB/s", bps, "read_large_vs_tcp"),
+        ("read_large_grpc_bps", "GB/s", bps, "read_large_grpc_vs_tcp"),
         ("read_large_bytes_bps", "GB/s", bps, "read_large_bytes_vs_tcp"),
         ("write_large_bps", "GB/s", bps, "write_large_vs_tcp"),
         ("write_large_first_bps", "GB/s", bps, "write_large_first_vs_tcp"),
@@ -572,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     tcp_bps = metrics["raw_tcp_bps"]["median"]
     ratios = {
         "read_large_vs_tcp": metrics["read_large_bps"]["median"] / tcp_bps,
+        "read_large_grpc_vs_tcp": metrics["read_large_grpc_bps"]["median"] / tcp_bps,
+        "read_large_data_port_vs_grpc": metrics["read_large_bps"]["median"]
+        / metrics["read_large_grpc_bps"]["median"],
         "read_large_bytes_vs_tcp": metrics["read_large_bytes_bps"]["median"] / tcp_bps,
         "write_large_vs_tcp": metrics["write_large_bps"]["median"] / tcp_bps,
         "write_large_first_vs_tcp": metrics["write_large_first_bps"]["median"] / tcp_bps,

@@ -147,8 +147,15 @@ def test_no_cluster_file_says_what_to_do(tmp_path: os.PathLike[str]) -> None:
         Client(os.path.join(tmp_path, "none.json"))
 
 
-def test_server_killed_mid_read_fails_fast(tmp_path: os.PathLike[str]) -> None:
-    with LocalCluster(2, memory=512 << 20, workdir=tmp_path) as cluster:
+@pytest.mark.parametrize("data_plane", ["1", "0"], ids=["data-port", "grpc"])
+def test_server_killed_mid_read_fails_fast(
+    tmp_path: os.PathLike[str], data_plane: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IOSVC_DATA_PLANE", data_plane)
+    # An emulated 200 MB/s device per server: the 96 MiB read takes ~0.25 s, so the kill
+    # lands in the middle of it however fast the transport is.
+    args = ["--device-bandwidth", "200MB/s"]
+    with LocalCluster(2, memory=512 << 20, workdir=tmp_path, server_args=args) as cluster:
         assert cluster.spec is not None
         spec = cluster.spec
 

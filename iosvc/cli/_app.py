@@ -273,6 +273,13 @@ def serve(
         float, typer.Option(help="Seconds a write stream may stay silent before it is cut.")
     ] = 60.0,
     pull_root: PullRootOpt = None,
+    data_port: Annotated[
+        int,
+        typer.Option(
+            help="Port of the data plane, plain TCP for bulk reads beside gRPC (0: any free "
+            "port; -1: off, reads go through gRPC; always off with TLS)."
+        ),
+    ] = 0,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
     tls_ca: TlsCaOpt = None,
@@ -326,6 +333,7 @@ def serve(
             stream_idle_timeout=stream_idle_timeout,
             cluster_file=str(write_cluster_file) if write_cluster_file else None,
             pull_roots=tuple(str(p) for p in pull_root or ()),
+            data_port=None if data_port < 0 else data_port,
         )
     )
 

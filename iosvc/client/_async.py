@@ -15,7 +15,7 @@ import os
 import uuid
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -23,12 +23,13 @@ import xxhash
 
 from iosvc import wire
 from iosvc._malloc import tune_client_malloc
-from iosvc.client import _pull
+from iosvc.client import _dataplane, _pull
 from iosvc.client._mapped import MappedFile, can_map
 from iosvc.config import ClusterSpec
 from iosvc.errors import (
     ERROR_BY_NAME,
     DataCorruption,
+    DeadlineExceeded,
     ForkedAfterGrpc,
     InvalidArgument,
     IosvcError,
@@ -103,6 +104,7 @@ def _reset_after_fork() -> None:
         _inherited.extend(client._channels.values())
         client._channels = {}
         client._loop = None
+        client._data.reset()  # the parent's data connections stay the parent's
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -192,6 +194,10 @@ class AsyncClient:
         # not keeping chunks in files (so mapping their files is not worth trying).
         self._sends_bytes: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Bulk reads go over the servers' data ports (plain TCP, see iosvc.dataplane) unless
+        # the cluster uses TLS (then gRPC encrypts them) or IOSVC_DATA_PLANE=0.
+        self._data = _dataplane.DataConnections(self.spec.servers, self._ask_data_port)
+        self._use_data_plane = self.tls_ca is None and _dataplane.enabled()
         _clients.add(self)
         # Keep gRPC's per-message buffers in the heap: without it every 1 MiB chunk lands in
         # fresh pages, and a large read spent more CPU in page faults than in copying.
@@ -227,6 +233,20 @@ class AsyncClient:
         for n in range(self.retries):
             try:
                 return await attempt()
+            except (ConnectionError, TimeoutError) as exc:
+                # The data plane: a cut or refused connection is retried like gRPC's
+                # UNAVAILABLE (on a new connection, the port asked again); a deadline is not.
+                if isinstance(exc, IosvcError) and not isinstance(exc, Unavailable):
+                    raise
+                where = f"server {self.spec.servers[server]}"
+                self._data.forget(server)
+                if isinstance(exc, TimeoutError):
+                    raise DeadlineExceeded(f"{where}: no reply within {self.timeout} s") from None
+                if n + 1 < self.retries:
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, _MAX_BACKOFF)
+                    continue
+                raise Unavailable(f"{where}: {exc} (after {n + 1} attempts)") from None
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 if (code in _RETRYABLE or _transport_failure(exc)) and n + 1 < self.retries:
@@ -251,6 +271,14 @@ class AsyncClient:
             return reply
 
         return wire.unpack(await self._retry(server, attempt))
+
+    async def _ask_data_port(self, server: int) -> int | None:
+        try:
+            reply, _ = await self.call(server, {"op": "endpoints"})
+        except InvalidArgument:  # a server older than the data plane
+            return None
+        port = reply.get("data_port")
+        return port if isinstance(port, int) and 0 < port < 65536 else None
 
     async def call_all(self, header: dict[str, Any]) -> list[dict[str, Any]]:
         """Send one operation to every server at once; their reply headers, in order."""
@@ -396,13 +424,22 @@ class AsyncClient:
         return b"".join(parts[k] for k in sorted(parts))
 
     async def read_into(
-        self, info: FileInfo, buffer: bytearray | memoryview, start: int = 0
+        self,
+        info: FileInfo,
+        buffer: bytearray | memoryview,
+        start: int = 0,
+        *,
+        verify: bool = True,
     ) -> int:
         """Fill ``buffer`` with the version's bytes from ``start``; return the count read.
 
         The fast path for large reads: no bytes object per chunk survives, so a reused
-        buffer avoids the page faults of fresh allocations (expensive in VMs), and chunks a
-        server on this host keeps in files are read straight into ``buffer``.
+        buffer avoids the page faults of fresh allocations (expensive in VMs); chunks from
+        a server's data port are received straight into ``buffer``, and chunks a server on
+        this host keeps in files are read straight into it.
+
+        ``verify=False`` skips the chunk checksums, for a caller that checks the bytes end
+        to end itself (the dataloaders' block checksums), as :meth:`map` does.
         """
         out = memoryview(buffer).cast("B")
         end: int = min(info["size"], start + len(out))
@@ -410,7 +447,7 @@ class AsyncClient:
         def copy(offset: int, payload: memoryview) -> None:
             out[offset : offset + len(payload)] = payload
 
-        await self._fetch(info, start, end, copy, target=out)
+        await self._fetch(info, start, end, copy, target=out, verify=verify)
         return max(0, end - start)
 
     async def map(self, info: FileInfo, *, verify: bool = True) -> memoryview | None:
@@ -427,8 +464,8 @@ class AsyncClient:
         mapping cannot help: an empty file, not Linux, chunks that are not page-aligned,
         reads in place turned off, or a server of the file known not to be on this host.
 
-        ``verify=False`` skips the chunk checksums of mapped chunks (chunks that come through
-        gRPC are still checked): for a caller that checks the bytes itself, end to end, as
+        ``verify=False`` skips the chunk checksums (of chunks mapped or received alike):
+        for a caller that checks the bytes itself, end to end, as
         it reads them (the dataloaders' block checksums), so the file is not read whole
         here first.
         """
@@ -441,7 +478,7 @@ class AsyncClient:
         if servers & self._sends_bytes or any(self._in_place_host(s) is None for s in servers):
             return None
         region = MappedFile(size)
-        await self._fetch(info, 0, size, region.copy, target=region, verify_mapped=verify)
+        await self._fetch(info, 0, size, region.copy, target=region, verify=verify)
         return region.view()
 
     async def _fetch(
@@ -452,12 +489,12 @@ class AsyncClient:
         sink: Callable[[int, memoryview], None],
         *,
         target: memoryview | MappedFile | None = None,
-        verify_mapped: bool = True,
+        verify: bool = True,
     ) -> None:
         """Fetch ``[start, end)`` of a version, one stream per server, in parallel.
 
         ``sink(offset, payload)`` gets each piece with its offset relative to ``start``.
-        Whole chunks are verified against the writer's checksums.
+        Whole chunks are verified against the writer's checksums (unless ``verify=False``).
 
         Reads in place: a server on this host (same kernel and mount namespace) that keeps
         chunks in files admits each chunk through its scheduler as usual, then answers with
@@ -488,9 +525,7 @@ class AsyncClient:
         async def fetch(server: int, plan: list[tuple[int, int, list[Any]]]) -> None:
             host = self._in_place_host(server)
             while plan:
-                plan = await self._stream_chunks(
-                    server, plan, host, info, sink, target, verify_mapped
-                )
+                plan = await self._stream_chunks(server, plan, host, info, sink, target, verify)
                 host = None  # what could not be read in place comes through the server
 
         await asyncio.gather(*(fetch(s, p) for s, p in plans.items()))
@@ -503,7 +538,7 @@ class AsyncClient:
         info: FileInfo,
         sink: Callable[[int, memoryview], None],
         target: memoryview | MappedFile | None,
-        verify_mapped: bool = True,
+        verify: bool = True,
     ) -> list[tuple[int, int, list[Any]]]:
         """One ``ReadChunks`` stream (with retries); returns the pieces told to be read in
         place that could not be (to fetch again through the server, which answers NotFound
@@ -516,34 +551,65 @@ class AsyncClient:
             header = {**self._auth, "chunks": [c for _, _, c in plan]}
             if host is not None:
                 header["host"] = host
-            method = self._channel(server).unary_stream(wire.METHOD_READ)
-            async for reply in method(wire.pack(header), timeout=self.timeout):
-                header, payload = wire.unpack(reply)
-                index, offset, spec = plan[header["i"]]
-                direct = check = False
-                if "path" in header:
-                    read = self._read_in_place(server, header["path"], spec, target, offset)
-                    if read is None:
-                        again.append(plan[header["i"]])
-                        continue
-                    payload, direct = read, target is not None
-                    check = verify_mapped or not isinstance(target, MappedFile)
-                else:
-                    check = True
-                    if host is not None:
+            frames = self._read_frames(server, header, plan, target)
+            async with asyncio.timeout(self.timeout), contextlib.aclosing(frames):
+                async for header, payload, received in frames:
+                    index, offset, spec = plan[header["i"]]
+                    direct = received
+                    if "path" in header:
+                        read = self._read_in_place(server, header["path"], spec, target, offset)
+                        if read is None:
+                            again.append(plan[header["i"]])
+                            continue
+                        payload, direct = read, target is not None
+                    elif host is not None:
                         self._sends_bytes.add(server)
-                if len(payload) != spec[2]:
-                    raise DataCorruption(f"{info['name']}: chunk {index} is short")
-                if check and spec[3] and xxhash.xxh3_64_intdigest(payload) != checksums[index]:
-                    raise DataCorruption(
-                        f"{info['name']}: chunk {index} from {self.spec.servers[server]} "
-                        "failed its checksum"
-                    )
-                if not direct:
-                    sink(offset, payload)
+                    if len(payload) != spec[2]:
+                        raise DataCorruption(f"{info['name']}: chunk {index} is short")
+                    if verify and spec[3] and xxhash.xxh3_64_intdigest(payload) != checksums[index]:
+                        raise DataCorruption(
+                            f"{info['name']}: chunk {index} from {self.spec.servers[server]} "
+                            "failed its checksum"
+                        )
+                    if not direct:
+                        sink(offset, payload)
 
         await self._retry(server, attempt)
         return again
+
+    async def _read_frames(
+        self,
+        server: int,
+        header: dict[str, Any],
+        plan: list[tuple[int, int, list[Any]]],
+        target: memoryview | MappedFile | None,
+    ) -> AsyncGenerator[tuple[dict[str, Any], memoryview, bool], None]:
+        """One read request's replies: ``(header, payload, received into target)``.
+
+        Over the server's data port when it has one (payloads for a ``target`` buffer land
+        there straight from the socket), else over a gRPC ``ReadChunks`` stream.
+        """
+        sock = await self._data.acquire(server) if self._use_data_plane else None
+        if sock is None:
+            method = self._channel(server).unary_stream(wire.METHOD_READ)
+            async for reply in method(wire.pack(header), timeout=self.timeout):
+                reply_header, payload = wire.unpack(reply)
+                yield reply_header, payload, False
+            return
+
+        def destination(reply: dict[str, Any]) -> memoryview | None:
+            piece = reply.get("i")
+            if not isinstance(target, memoryview) or not isinstance(piece, int):
+                return None
+            if not 0 <= piece < len(plan):
+                return None
+            _, offset, spec = plan[piece]
+            return target[offset : offset + spec[2]]
+
+        frames = _dataplane.read_frames(self._data, server, sock, header, destination)
+        async with contextlib.aclosing(frames):
+            async for item in frames:
+                yield item
 
     def _in_place_host(self, server: int) -> str | None:
         """This host's id to offer ``server`` for reads in place, or None not to."""
@@ -736,7 +802,8 @@ class AsyncClient:
             yield await self.read_version(info, start, start + _WINDOW)
 
     async def close(self) -> None:
-        """Close channels (only valid on the loop that made them)."""
+        """Close channels (only valid on the loop that made them) and data connections."""
+        self._data.reset()
         channels, self._channels = self._channels, {}
         if self._loop is not None and self._loop is asyncio.get_running_loop():
             for channel in channels.values():

@@ -19,6 +19,7 @@ from iosvc._malloc import tune_malloc
 from iosvc.config import ClusterSpec
 from iosvc.identity import load_key_file
 from iosvc.server._auth import Authorizer
+from iosvc.server._dataplane import DataPlaneServer
 from iosvc.server._gate import DeviceModel, IoGate
 from iosvc.server._metrics import ServerMetrics
 from iosvc.server._service import DEFAULT_INFLIGHT_LIMIT, IoService
@@ -62,6 +63,8 @@ class ServerOptions:
     pull_roots: tuple[str, ...] = ()
     #: seconds between exchanges of per-job service with the peers (cluster-wide policies)
     fairness_interval: float = 0.1
+    #: port of the data plane for bulk reads (0: any free port; None: off; off with TLS)
+    data_port: int | None = 0
 
     def __post_init__(self) -> None:
         if self.memory is not None and self.directory is not None:
@@ -77,7 +80,10 @@ def make_store(options: ServerOptions) -> ChunkStore:
 
 
 async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoService, int]:
-    """Build, recover and start a server; return it, its service and the bound port."""
+    """Build, recover and start a server; return it, its service and the bound port.
+
+    The data port (:mod:`iosvc.dataplane`), if any, is ``service.data_plane``.
+    """
     device = None
     if options.device_bandwidth or options.device_latency:
         device = DeviceModel(options.device_bandwidth, options.device_latency)
@@ -116,6 +122,10 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
         raise OSError(
             f"could not bind {address}: the port is in use or the address is not on this node"
         )
+    if options.data_port is not None and not options.tls_cert:
+        # Bulk reads over plain TCP; with TLS they stay on gRPC, which encrypts them.
+        service.data_plane = DataPlaneServer(service, options.stream_idle_timeout)
+        await service.data_plane.start(options.host, options.data_port)
     await server.start()
     return server, service, port
 
@@ -125,6 +135,8 @@ async def serve(options: ServerOptions) -> None:
     server, service, port = await start_server(options)
     address = f"{options.host}:{port}"
     log.info("iosvc server listening on %s (%s)", address, type(service.store).__name__)
+    if service.data_plane is not None:
+        log.info("data port %s", service.data_plane.port)
     if options.ready_file:
         tmp = Path(options.ready_file + ".tmp")
         tmp.write_text(f"{address}\n{os.getpid()}\n")
@@ -167,6 +179,8 @@ async def serve(options: ServerOptions) -> None:
     if announce is not None:
         announce.cancel()
     await server.stop(grace=5)
+    if service.data_plane is not None:
+        await service.data_plane.close()
     await service.close()
     with contextlib.suppress(FileNotFoundError):
         if options.ready_file:

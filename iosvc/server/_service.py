@@ -154,6 +154,8 @@ class IoService:
         self.gc_ttl = gc_ttl
         self.drop_grace = drop_grace
         self.metrics_port: int | None = None
+        #: the data port serving bulk reads beside gRPC, if started (``iosvc.server._main``)
+        self.data_plane: Any = None
         self.started = time.time()
         # Cluster-wide fairness: each peer's cumulative service per job at the last exchange,
         # and this server's own total then (its service per interval sizes the horizon).
@@ -184,6 +186,7 @@ class IoService:
             "quota_show": self._op_quota_show,
             "usage": self._op_usage,
             "pull": self._op_pull,
+            "endpoints": self._op_endpoints,
         }
 
     # ----------------------------------------------------------------- set-up
@@ -269,61 +272,73 @@ class IoService:
     ) -> AsyncIterator[bytes]:
         try:
             header, _ = wire.unpack(request)
-            identity = self.auth.caller(header).identity
-            chunks = _list_arg(header, "chunks")
-            parsed = []
-            for entry in chunks:
-                if not isinstance(entry, list) or len(entry) != 4:
-                    raise InvalidArgument("each chunk must be [key, start, length, whole]")
-                key, start, length, whole = entry
-                parse_chunk_key(key)
-                if not isinstance(start, int) or not isinstance(length, int) or start < 0:
-                    raise InvalidArgument("chunk start and length must be integers >= 0")
-                if not 0 <= length <= wire.MAX_CHUNK_SIZE:
-                    raise InvalidArgument(f"chunk length {length} out of range")
-                parsed.append((key, start, length, bool(whole)))
-            # A client on this host (same boot id) may read chunk files in place: the server
-            # still admits every chunk in policy order, then answers with where it lies.
-            in_place = wire.host_id() is not None and header.get("host") == wire.host_id()
-            # Keep READ_AHEAD chunks of this stream queued at the gate: a stream is then
-            # backlogged like a client with several requests in flight, so the policy can give
-            # it its share, and the device never idles between two chunks.
-            pending: deque[asyncio.Task[bytes]] = deque()
-            todo = iter(enumerate(parsed))
-            try:
-                while True:
-                    while len(pending) < READ_AHEAD and (item := next(todo, None)) is not None:
-                        pending.append(
-                            asyncio.ensure_future(self._read_one(identity, *item, in_place))
-                        )
-                    if not pending:
-                        break
-                    yield await pending.popleft()
-            finally:
-                for task in pending:
-                    task.cancel()
-        except NotFound as exc:
-            await self._abort(context, NotFound(f"{exc} (file removed or replaced during read?)"))
+            async for reply, payload in self.read_stream(header):
+                yield wire.pack(reply, payload)
         except Exception as exc:
             await self._abort(context, exc)
 
+    async def read_stream(
+        self, header: dict[str, Any]
+    ) -> AsyncIterator[tuple[dict[str, Any], bytes | bytearray | memoryview]]:
+        """Serve a read request (gRPC ``ReadChunks`` or the data port alike).
+
+        Yields ``(reply header, payload)`` per chunk piece, in the order the scheduler
+        admits them: ``{"i": k}`` with the bytes of piece ``k`` (and ``"ck"``, the stored
+        checksum, for whole chunks), or ``{"i": k, "path": ...}`` for a client on this host
+        told to read the chunk file in place.
+        """
+        identity = self.auth.caller(header).identity
+        chunks = _list_arg(header, "chunks")
+        parsed = []
+        for entry in chunks:
+            if not isinstance(entry, list) or len(entry) != 4:
+                raise InvalidArgument("each chunk must be [key, start, length, whole]")
+            key, start, length, whole = entry
+            parse_chunk_key(key)
+            if not isinstance(start, int) or not isinstance(length, int) or start < 0:
+                raise InvalidArgument("chunk start and length must be integers >= 0")
+            if not 0 <= length <= wire.MAX_CHUNK_SIZE:
+                raise InvalidArgument(f"chunk length {length} out of range")
+            parsed.append((key, start, length, bool(whole)))
+        # A client on this host (same boot id) may read chunk files in place: the server
+        # still admits every chunk in policy order, then answers with where it lies.
+        in_place = wire.host_id() is not None and header.get("host") == wire.host_id()
+        # Keep READ_AHEAD chunks of this stream queued at the gate: a stream is then
+        # backlogged like a client with several requests in flight, so the policy can give
+        # it its share, and the device never idles between two chunks.
+        pending: deque[asyncio.Task[tuple[dict[str, Any], bytes | bytearray | memoryview]]] = (
+            deque()
+        )
+        todo = iter(enumerate(parsed))
+        try:
+            while True:
+                while len(pending) < READ_AHEAD and (item := next(todo, None)) is not None:
+                    pending.append(asyncio.ensure_future(self._read_one(identity, *item, in_place)))
+                if not pending:
+                    break
+                yield await pending.popleft()
+        except NotFound as exc:
+            raise NotFound(f"{exc} (file removed or replaced during read?)") from None
+        finally:
+            for task in pending:
+                task.cancel()
+
     async def _read_one(
         self, identity: JobIdentity, i: int, chunk: tuple[str, int, int, bool], in_place: bool
-    ) -> bytes:
+    ) -> tuple[dict[str, Any], bytes | bytearray | memoryview]:
         key, start, length, whole = chunk
         async with self.gate.admit(identity, length):
             if in_place and (path := self.store.local_path(key)) is not None:
                 self.in_place_reads += 1
-                return wire.pack({"i": i, "path": path})
+                return {"i": i, "path": path}, b""
             if not whole:
-                part = await self.store.get(key, ByteRange(start, length))
-                return wire.pack({"i": i}, part)
+                return {"i": i}, await self.store.get(key, ByteRange(start, length))
             value = await self.store.get(key)
             data = memoryview(value)[:-_CK]
             checksum = int.from_bytes(value[-_CK:], "little")
             if self.store.supports_persistence and xxhash.xxh3_64_intdigest(data) != checksum:
                 raise DataCorruption(f"chunk {key} on server {self.index} is corrupt")
-            return wire.pack({"i": i, "ck": checksum}, data)
+            return {"i": i, "ck": checksum}, data
 
     async def _write_chunks(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -645,7 +660,17 @@ class IoService:
             "pull_roots": list(self.pull_source.roots),
             "pulled_bytes": self.pulled_bytes,
             "in_place_reads": self.in_place_reads,
+            "data_port": self.data_plane.port if self.data_plane is not None else None,
+            "data_connections": self.data_plane.connections if self.data_plane else 0,
+            "data_bytes_sent": self.data_plane.bytes_sent if self.data_plane else 0,
         }, None
+
+    async def _op_endpoints(
+        self, header: dict[str, Any], payload: memoryview, who: Caller
+    ) -> tuple[dict[str, Any], Any]:
+        """Where else this server listens: the data port for bulk reads (None: off)."""
+        port = self.data_plane.port if self.data_plane is not None else None
+        return {"data_port": port}, None
 
     async def _op_configure(
         self, header: dict[str, Any], payload: memoryview, who: Caller

@@ -1,0 +1,165 @@
+"""The client side of the data plane (see :mod:`iosvc.dataplane`): pooled plain-TCP
+connections to the servers' data ports, and the read stream over one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+from iosvc import dataplane
+from iosvc.errors import DataCorruption, InvalidArgument
+
+__all__ = ["DataConnections", "read_frames"]
+
+#: Idle connections kept per server (one per concurrent read stream is enough).
+_KEEP_PER_SERVER = 8
+
+
+def enabled() -> bool:
+    """``IOSVC_DATA_PLANE=0`` sends every read through gRPC (e.g. behind a firewall that
+    opens the gRPC ports only)."""
+    return os.environ.get("IOSVC_DATA_PLANE", "1") != "0"
+
+
+class DataConnections:
+    """Idle data connections per server, and each server's data port.
+
+    Parameters
+    ----------
+    servers
+        ``host:port`` of each server's gRPC endpoint (the data port is on the same host).
+    ask_port
+        Coroutine asking server ``i`` for its data port (a gRPC ``endpoints`` call); None
+        means the server has none.
+    """
+
+    def __init__(
+        self, servers: tuple[str, ...], ask_port: Callable[[int], Awaitable[int | None]]
+    ) -> None:
+        self.servers = servers
+        self._ask_port = ask_port
+        self._ports: dict[int, int | None] = {}
+        # Idle connections as bare descriptors: a client dropped without close() then
+        # neither leaks them (the finalizer closes them) nor warns of unclosed sockets.
+        self._idle: dict[int, list[int]] = {}
+        self._finalizer = weakref.finalize(self, _close_all, self._idle)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def port(self, server: int) -> int | None:
+        """The server's data port (asked once, until a connection to it fails)."""
+        if server not in self._ports:
+            self._ports[server] = await self._ask_port(server)
+        return self._ports[server]
+
+    async def acquire(self, server: int) -> socket.socket | None:
+        """An open connection to ``server``'s data port; None if it has none."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self.reset()  # sockets are used from the loop that opened them
+            self._loop = loop
+        idle = self._idle.get(server)
+        if idle:
+            sock = socket.socket(fileno=idle.pop())
+            sock.setblocking(False)
+            return sock
+        port = await self.port(server)
+        if port is None:
+            return None
+        host = self.servers[server].rpartition(":")[0].strip("[]")
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, address)
+            except BaseException:
+                sock.close()
+                raise
+        except OSError as exc:
+            self._ports.pop(server, None)  # a restarted server may listen elsewhere now
+            raise dataplane.FrameError(
+                f"cannot connect to the data port {host}:{port}: {exc}"
+            ) from exc
+        dataplane.tune_socket(sock)
+        return sock
+
+    def release(self, server: int, sock: socket.socket) -> None:
+        """Give back a connection whose last request ended cleanly."""
+        idle = self._idle.setdefault(server, [])
+        if len(idle) < _KEEP_PER_SERVER:
+            idle.append(sock.detach())
+        else:
+            sock.close()
+
+    def forget(self, server: int) -> None:
+        """After a connection to ``server`` broke: close its idle ones (they may be as dead,
+        e.g. the server restarted) and ask its port again."""
+        _close_all({server: self._idle.pop(server, [])})
+        self._ports.pop(server, None)
+
+    def reset(self) -> None:
+        """Close every idle connection (after fork, or on another event loop)."""
+        _close_all(self._idle)
+        self._idle.clear()
+
+
+def _close_all(idle: dict[int, list[int]]) -> None:
+    for fds in idle.values():
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        fds.clear()
+
+
+async def read_frames(
+    connections: DataConnections,
+    server: int,
+    sock: socket.socket,
+    request: dict[str, Any],
+    destination: Callable[[dict[str, Any]], memoryview | None],
+) -> AsyncGenerator[tuple[dict[str, Any], memoryview, bool], None]:
+    """Send a read request on ``sock``; yield ``(reply header, payload, direct)`` per piece.
+
+    ``destination(header)`` names where a piece's payload should land (a slice of the
+    caller's buffer, received into straight from the socket: ``direct`` is then True);
+    None, or a view of another length, gets a fresh buffer. An error frame raises its
+    :class:`~iosvc.errors.IosvcError`. The connection goes back to the pool only when the
+    stream ended as the protocol says; anything else (an exception here or in the consumer,
+    a cancelled read) closes it, since its byte stream may be mid-frame.
+    """
+    loop = asyncio.get_running_loop()
+    clean = False
+    try:
+        await loop.sock_sendall(sock, dataplane.frame({**request, "op": "read"}))
+        while True:
+            header = await dataplane.recv_header(loop, sock)
+            size = header.get("n", 0)
+            if not isinstance(size, int) or not 0 <= size <= dataplane.MAX_PAYLOAD:
+                raise DataCorruption(f"data port sent a payload length of {size!r}")
+            if "error" in header or header.get("end"):
+                clean = size == 0
+                if "error" in header:
+                    raise dataplane.error_from_frame(
+                        header, f"server {connections.servers[server]}"
+                    )
+                return
+            if "i" not in header:
+                raise InvalidArgument("data port reply without a piece index")
+            view = destination(header) if size else None
+            direct = view is not None and view.nbytes == size
+            if not direct:
+                view = memoryview(bytearray(size))
+            assert view is not None
+            await dataplane.recv_exact(loop, sock, view)
+            yield header, view, direct
+    finally:
+        if clean:
+            connections.release(server, sock)
+        else:
+            sock.close()

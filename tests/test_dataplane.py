@@ -1,0 +1,275 @@
+"""The data plane: bulk reads over the servers' plain-TCP data ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from iosvc import dataplane
+from iosvc.client import AsyncClient, Client
+from iosvc.config import ClusterSpec
+from iosvc.errors import DataCorruption
+from iosvc.identity import JobIdentity, issue_token, load_key_file
+from iosvc.placement import Placement
+from iosvc.server import LocalCluster
+
+ID = ["job", "user", "group", 1]
+
+
+def status(spec: ClusterSpec) -> list[dict[str, Any]]:
+    return Client(spec).status()
+
+
+def data_address(spec: ClusterSpec, server: int = 0) -> tuple[str, int]:
+    port = status(spec)[server]["data_port"]
+    assert isinstance(port, int)
+    return spec.servers[server].rpartition(":")[0], port
+
+
+class Raw:
+    """A hand-driven data connection, for what a well-behaved client never sends."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=10)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, header: dict[str, Any]) -> None:
+        self.send(dataplane.frame(header))
+
+    def exact(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            part = self.sock.recv(n - len(out))
+            if not part:
+                raise EOFError("closed")
+            out += part
+        return out
+
+    def reply(self) -> tuple[dict[str, Any], bytes]:
+        (size,) = struct.unpack("<I", self.exact(4))
+        header = msgpack.unpackb(self.exact(size))
+        return header, self.exact(header.get("n", 0))
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(spec: ClusterSpec) -> Iterator[Raw]:
+    conn = Raw(data_address(spec))
+    yield conn
+    conn.close()
+
+
+def test_large_reads_go_over_the_data_port(spec: ClusterSpec, prefix: str) -> None:
+    data = os.urandom(9 << 20)
+    client = Client(spec, chunk_size=1 << 20)
+    client.write(f"{prefix}/big", data)
+    before = sum(s["data_bytes_sent"] for s in status(spec))
+    assert client.read(f"{prefix}/big") == data
+    assert client.read(f"{prefix}/big", 1000, 5 << 20) == data[1000 : 5 << 20]
+    moved = sum(s["data_bytes_sent"] for s in status(spec)) - before
+    assert moved >= len(data) + (5 << 20) - 1000  # other tests may read meanwhile
+
+    async def into() -> bytes:
+        async with AsyncClient(spec) as ac:
+            info = await ac.info(f"{prefix}/big")
+            buf = bytearray(len(data) + 7)
+            assert await ac.read_into(info, memoryview(buf)[3:], 0) == len(data)
+            return bytes(buf[3 : 3 + len(data)])
+
+    assert asyncio.run(into()) == data
+
+
+def test_reads_through_grpc_when_the_data_plane_is_off(
+    spec: ClusterSpec, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IOSVC_DATA_PLANE", "0")
+    data = os.urandom(3 << 20)
+    client = Client(spec, chunk_size=1 << 20)
+    client.write(f"{prefix}/f", data)
+    assert client.read(f"{prefix}/f") == data
+
+
+def test_servers_without_a_data_port_are_read_through_grpc(tmp_path: Path) -> None:
+    with LocalCluster(
+        2, memory=64 << 20, workdir=tmp_path, server_args=["--data-port", "-1"]
+    ) as cl:
+        assert cl.spec is not None
+        assert all(s["data_port"] is None for s in status(cl.spec))
+        client = Client(cl.spec, chunk_size=1 << 20)
+        data = os.urandom(5 << 20)
+        client.write("f", data)
+        assert client.read("f") == data
+
+
+def test_a_read_request_streams_pieces_then_end(
+    raw: Raw, client: Client, spec: ClusterSpec, prefix: str
+) -> None:
+    data = os.urandom(3 * 4096)
+    path = f"{prefix}/pieces"
+    Client(spec, chunk_size=4096).write(path, data)
+    info = client.info(path)
+    placement = Placement(len(spec.servers))
+    home = placement.home(path)
+    server = placement.chunk_server(home, 0)
+    # the same server holds chunk 0 and, with 2 servers, chunk 2
+    keys = [i for i in range(3) if placement.chunk_server(home, i) == server]
+    chunks = [[f"c/{home}/{info['version']}/{i}", 0, 4096, True] for i in keys]
+    chunks.append([chunks[0][0], 100, 50, False])  # a piece of chunk 0
+    conn = Raw(data_address(spec, server))
+    conn.request({"op": "read", "id": ID, "chunks": chunks})
+    got = {}
+    for _ in chunks:
+        header, payload = conn.reply()
+        assert header["n"] == len(payload)
+        got[header["i"]] = (header, payload)
+    for n, i in enumerate(keys):
+        header, payload = got[n]
+        assert payload == data[i * 4096 : (i + 1) * 4096]
+        assert header["ck"] == info["checksums"][i]
+    assert got[len(keys)][1] == data[100:150]
+    assert conn.reply() == ({"end": True, "n": 0}, b"")
+    # a chunk this server does not hold is NotFound, and named so
+    missing = f"c/{home}/{'0' * len(info['version'])}/0"
+    conn.request({"op": "read", "id": ID, "chunks": [[missing, 0, 10, True]]})
+    header, _ = conn.reply()
+    assert header["error"] == "NotFound" and "removed or replaced" in header["msg"]
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"op": "read", "chunks": [["c/0/abc/0", 0, 10, True]]},  # no identity
+        {"op": "read", "id": ["j", "u", "g", 0], "chunks": []},  # zero nodes
+        {"op": "read", "id": ID, "chunks": "x"},
+        {"op": "read", "id": ID, "chunks": [["m/abc", 0, 10, False]]},  # metadata key
+        {"op": "read", "id": ID, "chunks": [["c/0/../../etc/passwd/0", 0, 10, False]]},
+        {"op": "read", "id": ID, "chunks": [["c/0/abc/0", 0, 1 << 30, False]]},  # too long
+        {"op": "read", "id": ID, "chunks": [["c/0/abc/0", -1, 10, False]]},
+        {"op": "read", "id": ID, "chunks": [["c/0/abc/0", 0, 10]]},
+        {"op": "write", "id": ID},  # not a data-port operation
+    ],
+)
+def test_bad_requests_get_an_error_and_the_connection_keeps_serving(
+    raw: Raw, header: dict[str, Any]
+) -> None:
+    raw.request(header)
+    reply, _ = raw.reply()
+    assert reply["error"] in {"InvalidArgument", "Unauthenticated"}, reply
+    assert reply["msg"]
+    # the stream is still in step: a good request on the same connection is answered
+    raw.request({"op": "read", "id": ID, "chunks": []})
+    assert raw.reply()[0] == {"end": True, "n": 0}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xff\xff\xff" + b"x" * 10,  # header length over the limit
+        (5).to_bytes(4, "little") + b"\xc1\xc1\xc1\xc1\xc1",  # invalid msgpack
+        (1).to_bytes(4, "little") + msgpack.packb(7),  # header not a map
+    ],
+)
+def test_malformed_frames_are_refused_and_closed(raw: Raw, data: bytes) -> None:
+    raw.send(data)
+    reply, _ = raw.reply()
+    assert reply["error"] == "InvalidArgument"
+    assert raw.closed()
+
+
+def test_a_stalled_request_is_cut(tmp_path: Path) -> None:
+    args = ["--stream-idle-timeout", "1"]
+    with LocalCluster(1, memory=64 << 20, workdir=tmp_path, server_args=args) as cl:
+        assert cl.spec is not None
+        conn = Raw(data_address(cl.spec))
+        conn.send(b"\x10\x00")  # half a length prefix, then nothing
+        start = time.monotonic()
+        assert conn.closed()
+        assert time.monotonic() - start < 8
+        # the server is fine
+        assert Client(cl.spec).status()[0]["data_connections"] == 0
+        conn.close()
+
+
+def test_forged_identity_on_a_secure_cluster_is_refused(tmp_path: Path) -> None:
+    with LocalCluster(1, memory=64 << 20, workdir=tmp_path, secure=True) as cl:
+        assert cl.spec is not None
+        admin = Client(cl.spec, token=cl.admin_token_file.read_text().strip())
+        port = admin.status()[0]["data_port"]
+        conn = Raw(("127.0.0.1", port))
+        conn.request({"op": "read", "id": ID, "chunks": []})  # declared, not signed
+        assert conn.reply()[0]["error"] == "Unauthenticated"
+        alice = JobIdentity("1", "alice", "g", 1)
+        bad = issue_token(os.urandom(32), alice, 3600)  # signed with another key
+        conn.request({"op": "read", "id": ID, "tok": bad, "chunks": []})
+        assert conn.reply()[0]["error"] == "Unauthenticated"
+        good = issue_token(load_key_file(cl.key_file), alice, 3600)
+        conn.request({"op": "read", "id": ID, "tok": good, "chunks": []})  # claims another
+        assert conn.reply()[0]["error"] == "PermissionDenied"
+        conn.request({"op": "read", "id": alice.to_wire(), "tok": good, "chunks": []})
+        assert conn.reply()[0] == {"end": True, "n": 0}
+        conn.close()
+        # and a client with a token reads over the data port
+        client = Client(cl.spec, token=good)
+        data = os.urandom(3 << 20)
+        client.write("alice/f", data)
+        assert client.read("alice/f") == data
+        assert admin.status()[0]["data_bytes_sent"] >= len(data)
+
+
+def test_reads_survive_a_server_restart(tmp_path: Path) -> None:
+    """Pooled connections to a restarted server are dead and its data port is new: the
+    client notices, asks the port again and reads."""
+    with LocalCluster(2, directory=tmp_path / "d", workdir=tmp_path) as cl:
+        assert cl.spec is not None
+        data = os.urandom(6 << 20)
+
+        async def go() -> None:
+            async with AsyncClient(cl.spec, chunk_size=1 << 20) as client:
+                await client.write("f", data)
+                assert await client.read("f") == data
+                cl.kill(1)
+                cl.restart(1)  # its data port is bound anew
+                assert await client.read("f") == data
+
+        asyncio.run(go())
+
+
+def test_a_corrupt_payload_is_caught_and_the_connection_dropped(
+    spec: ClusterSpec, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client checks every whole chunk it receives over the data port."""
+    data = os.urandom(2 << 20)
+    client = Client(spec, chunk_size=1 << 20)
+    client.write(f"{prefix}/c", data)
+    real = dataplane.recv_exact
+
+    async def flip(loop: Any, sock: socket.socket, view: memoryview) -> None:
+        await real(loop, sock, view)
+        if view.nbytes > 4096:
+            view[100] ^= 0xFF
+
+    monkeypatch.setattr(dataplane, "recv_exact", flip)
+    with pytest.raises(DataCorruption, match="checksum"):
+        client.read(f"{prefix}/c")
+    monkeypatch.setattr(dataplane, "recv_exact", real)
+    assert client.read(f"{prefix}/c") == data
