@@ -13,6 +13,8 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from iosvc import dataplane
 from iosvc.client import AsyncClient, Client
@@ -273,3 +275,40 @@ def test_a_corrupt_payload_is_caught_and_the_connection_dropped(
         client.read(f"{prefix}/c")
     monkeypatch.setattr(dataplane, "recv_exact", real)
     assert client.read(f"{prefix}/c") == data
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    junk=st.one_of(
+        st.binary(max_size=64),
+        st.builds(  # a well-framed header of random msgpack
+            lambda obj: dataplane.frame(obj) if isinstance(obj, dict) else msgpack.packb(obj),
+            st.recursive(
+                st.none() | st.integers() | st.text(max_size=8) | st.binary(max_size=8),
+                lambda inner: (
+                    st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+                ),
+                max_leaves=12,
+            ),
+        ),
+    )
+)
+def test_any_bytes_on_the_data_port_leave_the_server_serving(
+    spec: ClusterSpec, junk: bytes
+) -> None:
+    conn = Raw(data_address(spec))
+    conn.sock.settimeout(0.5)
+    conn.send(junk)
+    try:  # an error frame, or nothing yet (a frame still incomplete), or a close
+        header, _ = conn.reply()
+        assert "error" in header or header == {"end": True, "n": 0}
+    except (TimeoutError, EOFError, ConnectionResetError):
+        pass
+    conn.close()
+    good = Raw(data_address(spec))
+    good.request({"op": "read", "id": ID, "chunks": []})
+    assert good.reply()[0] == {"end": True, "n": 0}
+    good.close()

@@ -56,7 +56,12 @@ async def _stream_reads(spec: ClusterSpec, who: JobIdentity, path: str, seconds:
     return done
 
 
-def test_size_fair_shares_follow_node_counts(device_cluster: ClusterSpec) -> None:
+@pytest.mark.parametrize("data_plane", ["1", "0"], ids=["data-port", "grpc"])
+def test_size_fair_shares_follow_node_counts(
+    device_cluster: ClusterSpec, data_plane: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The policy holds whichever transport carries the bytes: both admit every chunk."""
+    monkeypatch.setenv("IOSVC_DATA_PLANE", data_plane)
     Client(device_cluster).write("shared/data", os.urandom(32 * MiB))
     big = JobIdentity("big", "alice", "g1", 4)
     small = JobIdentity("small", "bob", "g2", 1)
@@ -114,6 +119,7 @@ def test_prometheus_metrics_count_bytes_per_job(device_cluster: ClusterSpec) -> 
     port = client.status()[0]["metrics_port"]
     assert port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "iosvc_data_sent_bytes_total" in text and "iosvc_data_connections" in text
     line = next(
         ln
         for ln in text.splitlines()

@@ -172,7 +172,8 @@ def status(cluster_file: ClusterOpt = None) -> None:
     """Show every server: address, storage, capacity, usage, files, queue."""
     client = make_client(cluster_file)
     table = Table(title=f"iosvc cluster ({'secure' if client.spec.secure else 'open'} mode)")
-    for col in ("server", "address", "storage", "used", "capacity", "files", "queued", "uptime"):
+    columns = ("server", "address", "data port", "storage", "used", "capacity", "files", "queued")
+    for col in (*columns, "uptime"):
         table.add_column(col, no_wrap=True)
     total_used = 0
     servers = client.status()
@@ -182,6 +183,7 @@ def status(cluster_file: ClusterOpt = None) -> None:
         table.add_row(
             str(s["index"]),
             s["address"],
+            str(s["data_port"]) if s.get("data_port") else "off",
             s["storage"].removesuffix("Store").lower(),
             format_size(s["used"]),
             cap,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from iosvc.identity import JobIdentity
@@ -76,7 +76,7 @@ class _ServiceCollector(Collector):
     def __init__(self, service: IoService) -> None:
         self.service = service
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         # Runs in the HTTP thread: read plain numbers only, never walk the scheduler's tree.
         s = self.service
         yield GaugeMetricFamily("iosvc_used_bytes", "Bytes stored", value=s.store.used_bytes)
@@ -85,3 +85,14 @@ class _ServiceCollector(Collector):
         yield GaugeMetricFamily("iosvc_files", "Files homed here", value=len(s.namespace))
         yield GaugeMetricFamily("iosvc_queued_requests", "Requests queued", value=s.gate.queued)
         yield GaugeMetricFamily("iosvc_busy_slots", "I/O slots in use", value=s.gate.busy)
+        if s.data_plane is not None:
+            yield GaugeMetricFamily(
+                "iosvc_data_connections",
+                "Open connections to the data port",
+                value=s.data_plane.connections,
+            )
+            yield CounterMetricFamily(
+                "iosvc_data_sent_bytes",
+                "Payload bytes sent over the data port",
+                value=s.data_plane.bytes_sent,
+            )
