@@ -1,24 +1,35 @@
-"""The data plane: chunk reads over plain TCP, beside the gRPC control plane.
+"""The data plane: chunk reads and writes over plain TCP, beside the gRPC control plane.
 
-gRPC carries every operation; large reads may also go over a server's *data port*, a plain
-TCP listener that speaks one request and a stream of replies at a time per connection::
+gRPC carries every operation; bulk chunk transfers may also go over a server's *data port*,
+a plain TCP listener. Each connection carries one request at a time, as frames of
+``[u32 header length][msgpack header]`` followed by ``n`` raw payload bytes where the header
+says ``"n": n``::
 
-    request   [u32 header length][msgpack header]                 {"op": "read", "chunks": ...}
-    reply     [u32 header length][msgpack header][n payload bytes] {"i": k, "n": n, "ck": ...}
-    ...
-    last      [u32 header length][msgpack header]                 {"end": true} or {"error": ...}
+    read      {"op": "read", "chunks": [[key, start, length, whole], ...], <identity>}
+      reply   {"i": k, "n": n, "ck": ...} + n bytes   (or {"i": k, "path": ...}), one per piece
+      last    {"end": true, "n": 0}   or   {"error": name, "msg": ..., "n": 0}
 
-Why a second transport: through grpc.aio a 1 GiB read cost ~1.7-2 CPU-s on this project's
+    write     {"op": "write", "key": ..., "ck": xxh3, "n": n, <identity>} + n bytes, repeated
+    flush     {"op": "flush"}
+      reply   {"end": true, "n": 0, "chunks": c, "bytes": b[, "failed": [name, msg]]}
+
+A write segment (its chunks up to the ``flush``) is what a gRPC ``WriteChunks`` call is: after
+a failed chunk the server reads and drops the rest of the segment, and its reply names the
+failure.
+
+Why a second transport: through grpc.aio a 1 GiB read cost ~1.4 CPU-s on this project's
 2-core VM (client and servers together: gRPC copies every message into its own slices, then
 into a ``bytes``, then into the caller's buffer); on a plain socket the kernel copies the
 payload once, straight into the caller's buffer (``recv_into``), and the server sends the
-stored bytes without a copy (``sendmsg``): ~0.9 CPU-s per GiB and about twice the
-throughput in the same minutes (``bench/throughput.py``). HPC storage splits its transports
-the same way (Mercury's RPC + bulk, DAOS, ThemisIO's own sockets).
+stored bytes without a copy (``sendmsg``): ~0.9 CPU-s per GiB and 1.27x the throughput in
+the same run (``bench/results/throughput.json``). Writes likewise land in the buffer the
+store keeps. HPC storage splits its transports the same way (Mercury's RPC + bulk, DAOS,
+ThemisIO's own sockets).
 
 Every request carries the same identity or token as a gRPC call and every chunk is admitted
-by the server's scheduler in the same order, so fair shares do not depend on the transport.
-The data port is off on servers with TLS (reads then go through gRPC, which encrypts them).
+by the server's scheduler in the same way, so fair shares do not depend on the transport.
+The data port is off on servers with TLS (transfers then go through gRPC, which encrypts
+them).
 """
 
 from __future__ import annotations

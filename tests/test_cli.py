@@ -39,6 +39,7 @@ def test_up_status_put_get_ls_cat_du_rm_down(up: dict[str, str], tmp_path: Path)
     (src / "sub" / "b.bin").write_bytes(os.urandom(3 << 20))
     status = iosvc("status", env=up).stdout
     assert "open mode" in status and "memory" in status
+    assert "data ports (bulk transfers beside gRPC): " in status
 
     iosvc("put", "-r", str(src), "data/", env=up)
     listing = iosvc("ls", "-l", "data/src", env=up).stdout

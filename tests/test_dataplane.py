@@ -7,12 +7,14 @@ import os
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -168,7 +170,7 @@ def test_a_read_request_streams_pieces_then_end(
         {"op": "read", "id": ID, "chunks": [["c/0/abc/0", 0, 1 << 30, False]]},  # too long
         {"op": "read", "id": ID, "chunks": [["c/0/abc/0", -1, 10, False]]},
         {"op": "read", "id": ID, "chunks": [["c/0/abc/0", 0, 10]]},
-        {"op": "write", "id": ID},  # not a data-port operation
+        {"op": "delete", "id": ID},  # not a data-port operation
     ],
 )
 def test_bad_requests_get_an_error_and_the_connection_keeps_serving(
@@ -189,6 +191,8 @@ def test_bad_requests_get_an_error_and_the_connection_keeps_serving(
         b"\xff\xff\xff\xff" + b"x" * 10,  # header length over the limit
         (5).to_bytes(4, "little") + b"\xc1\xc1\xc1\xc1\xc1",  # invalid msgpack
         (1).to_bytes(4, "little") + msgpack.packb(7),  # header not a map
+        dataplane.frame({"op": "write", "id": ID, "key": "c/0/abc/0", "ck": 1}),  # no "n"
+        dataplane.frame({"op": "write", "id": ID, "key": "c/0/abc/0", "ck": 1, "n": 1 << 40}),
     ],
 )
 def test_malformed_frames_are_refused_and_closed(raw: Raw, data: bytes) -> None:
@@ -312,3 +316,95 @@ def test_any_bytes_on_the_data_port_leave_the_server_serving(
     good.request({"op": "read", "id": ID, "chunks": []})
     assert good.reply()[0] == {"end": True, "n": 0}
     good.close()
+
+
+# ------------------------------------------------------------------------------ writes
+def test_writes_go_over_the_data_port(spec: ClusterSpec, prefix: str) -> None:
+    data = os.urandom(9 << 20)
+    client = Client(spec, chunk_size=1 << 20)
+    before = sum(s["data_bytes_received"] for s in status(spec))
+    client.write(f"{prefix}/w", data)
+    assert sum(s["data_bytes_received"] for s in status(spec)) - before >= len(data)
+    assert client.read(f"{prefix}/w") == data
+    # and the same through gRPC only
+    os.environ["IOSVC_DATA_PLANE"] = "0"
+    try:
+        grpc_only = Client(spec, chunk_size=1 << 20)
+    finally:
+        del os.environ["IOSVC_DATA_PLANE"]
+    grpc_only.write(f"{prefix}/g", data[::-1])
+    assert client.read(f"{prefix}/g") == data[::-1]
+
+
+def _chunk_frame(key: str, payload: bytes, ck: int | None = None, **auth: Any) -> bytes:
+    header = {"op": "write", "id": ID, "key": key, "n": len(payload), **auth}
+    header["ck"] = xxhash.xxh3_64_intdigest(payload) if ck is None else ck
+    return dataplane.frame(header) + payload
+
+
+def test_a_refused_chunk_fails_its_segment_and_the_connection_keeps_serving(
+    raw: Raw, spec: ClusterSpec
+) -> None:
+    uid = uuid.uuid4().hex
+    good, bad = os.urandom(5000), os.urandom(7000)
+    raw.send(_chunk_frame(f"c/0/{uid}/0", good))
+    raw.send(_chunk_frame(f"c/0/{uid}/1", bad, ck=12345))  # wrong checksum
+    raw.send(_chunk_frame(f"c/0/{uid}/2", good))  # after the failure: read and dropped
+    raw.request({"op": "flush"})
+    reply, _ = raw.reply()
+    assert reply["chunks"] == 1 and reply["bytes"] == len(good)
+    assert reply["failed"][0] == "DataCorruption" and "checksum" in reply["failed"][1]
+    for bad_key in ["m/abc", "c/0/../../x/0"]:  # refused before any byte is stored
+        raw.send(_chunk_frame(bad_key, good))
+        raw.request({"op": "flush"})
+        reply, _ = raw.reply()
+        assert reply["chunks"] == 0 and reply["failed"][0] == "InvalidArgument", reply
+    raw.send(_chunk_frame(f"c/0/{uid}/3", good))
+    raw.request({"op": "flush"})
+    assert raw.reply()[0] == {"end": True, "n": 0, "chunks": 1, "bytes": len(good)}
+
+
+def test_a_corrupted_write_raises_and_commits_nothing(
+    spec: ClusterSpec, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = Client(spec, chunk_size=1 << 20)
+    real = dataplane.send_frame
+
+    async def flip(loop: Any, sock: socket.socket, head: bytes, payload: Any = b"") -> None:
+        if len(payload) > 4096:
+            payload = bytearray(payload)
+            payload[7] ^= 0xFF
+        await real(loop, sock, head, payload)
+
+    monkeypatch.setattr(dataplane, "send_frame", flip)
+    with pytest.raises(DataCorruption, match="checksum"):
+        client.write(f"{prefix}/corrupt", os.urandom(3 << 20))
+    monkeypatch.setattr(dataplane, "send_frame", real)
+    assert not client.exists(f"{prefix}/corrupt")
+
+
+def test_a_stalled_write_is_cut_and_nothing_is_committed(tmp_path: Path) -> None:
+    args = ["--stream-idle-timeout", "1"]
+    with LocalCluster(1, memory=64 << 20, workdir=tmp_path, server_args=args) as cl:
+        assert cl.spec is not None
+        conn = Raw(data_address(cl.spec))
+        payload = os.urandom(1000)
+        conn.send(_chunk_frame(f"c/0/{uuid.uuid4().hex}/0", payload)[:-500])  # half a chunk
+        start = time.monotonic()
+        assert conn.closed()
+        assert time.monotonic() - start < 8
+        conn.close()
+        assert Client(cl.spec).status()[0]["data_bytes_received"] == 0
+
+
+def test_writes_need_a_valid_token_on_a_secure_cluster(tmp_path: Path) -> None:
+    with LocalCluster(1, memory=64 << 20, workdir=tmp_path, secure=True) as cl:
+        assert cl.spec is not None
+        admin = Client(cl.spec, token=cl.admin_token_file.read_text().strip())
+        conn = Raw(("127.0.0.1", admin.status()[0]["data_port"]))
+        conn.send(_chunk_frame(f"c/0/{uuid.uuid4().hex}/0", b"x" * 100))  # declared only
+        conn.request({"op": "flush"})
+        reply, _ = conn.reply()
+        assert reply["chunks"] == 0 and reply["failed"][0] == "Unauthenticated"
+        conn.close()
+        assert admin.status()[0]["used"] == 0

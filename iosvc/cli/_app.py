@@ -172,8 +172,7 @@ def status(cluster_file: ClusterOpt = None) -> None:
     """Show every server: address, storage, capacity, usage, files, queue."""
     client = make_client(cluster_file)
     table = Table(title=f"iosvc cluster ({'secure' if client.spec.secure else 'open'} mode)")
-    columns = ("server", "address", "data port", "storage", "used", "capacity", "files", "queued")
-    for col in (*columns, "uptime"):
+    for col in ("server", "address", "storage", "used", "capacity", "files", "queued", "uptime"):
         table.add_column(col, no_wrap=True)
     total_used = 0
     servers = client.status()
@@ -183,7 +182,6 @@ def status(cluster_file: ClusterOpt = None) -> None:
         table.add_row(
             str(s["index"]),
             s["address"],
-            str(s["data_port"]) if s.get("data_port") else "off",
             s["storage"].removesuffix("Store").lower(),
             format_size(s["used"]),
             cap,
@@ -192,6 +190,11 @@ def status(cluster_file: ClusterOpt = None) -> None:
             f"{s['uptime']:.0f} s",
         )
     console.print(table)
+    ports = [str(s["data_port"]) for s in servers if s.get("data_port")]
+    if ports:
+        console.print(f"data ports (bulk transfers beside gRPC): {', '.join(ports)}")
+    else:
+        console.print("data ports: off (every transfer goes through gRPC)")
     roots = sorted({r for s in servers for r in s.get("pull_roots") or ()})
     if roots:
         console.print(f"servers stage in from their file system under: {', '.join(roots)}")

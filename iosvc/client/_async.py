@@ -828,6 +828,10 @@ def _small_record(
     }
 
 
+#: One chunk of a writer on its way to a server: (frame header, bytes).
+_Chunk = tuple[dict[str, Any], bytes]
+
+
 class AsyncWriter:
     """Streams one file's chunks to their servers; :meth:`close` commits it.
 
@@ -846,7 +850,7 @@ class AsyncWriter:
         self._index = 0
         self._size = 0
         self._checksums: list[int] = []
-        self._queues: dict[int, asyncio.Queue[bytes | None]] = {}
+        self._queues: dict[int, asyncio.Queue[_Chunk | None]] = {}
         self._streams: dict[int, asyncio.Task[Any]] = {}
         self._closed = False
 
@@ -878,32 +882,36 @@ class AsyncWriter:
             queue = self._queues[server] = asyncio.Queue(maxsize=2)
             self._streams[server] = asyncio.ensure_future(self._stream(server, queue))
         key = f"c/{self.home}/{self.uid}/{index}"
-        await self._put(server, wire.pack({**self.client._auth, "key": key, "ck": checksum}, chunk))
+        # Queued, not sent yet: a view of the caller's buffer is copied (the caller may
+        # reuse the buffer once write() returns); our own chunks are bytes already.
+        payload = chunk if isinstance(chunk, bytes) else bytes(chunk)
+        await self._put(server, ({**self.client._auth, "key": key, "ck": checksum}, payload))
 
-    async def _put(self, server: int, frame: bytes | None) -> None:
-        """Queue a frame for a server's stream, or raise if that stream has failed."""
+    async def _put(self, server: int, item: _Chunk | None) -> None:
+        """Queue a chunk for a server's stream, or raise if that stream has failed."""
         stream = self._streams[server]
-        put = asyncio.ensure_future(self._queues[server].put(frame))
+        put = asyncio.ensure_future(self._queues[server].put(item))
         await asyncio.wait((put, stream), return_when=asyncio.FIRST_COMPLETED)
         if not put.done():
             put.cancel()
             self._raise_failed_stream()
 
-    async def _stream(self, server: int, queue: asyncio.Queue[bytes | None]) -> None:
+    async def _stream(self, server: int, queue: asyncio.Queue[_Chunk | None]) -> None:
         # One call per segment of chunks; a segment is kept until the server acknowledges it so
         # a retry after UNAVAILABLE can resend it, and memory stays bounded for huge files.
         while await self._segment(server, queue):
             pass
 
-    async def _segment(self, server: int, queue: asyncio.Queue[bytes | None]) -> bool:
-        """Send up to ``_SEGMENT`` chunks in one call; False once the end was reached."""
-        sent: list[bytes] = []
+    async def _segment(self, server: int, queue: asyncio.Queue[_Chunk | None]) -> bool:
+        """Send up to ``_SEGMENT`` chunks in one call (over the server's data port, or a
+        gRPC ``WriteChunks`` stream); False once the end was reached."""
+        sent: list[_Chunk] = []
         finished = False
 
-        async def frames() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[_Chunk]:
             nonlocal finished
-            for frame in sent:  # a retry resends what the failed attempt sent
-                yield frame
+            for chunk in sent:  # a retry resends what the failed attempt sent
+                yield chunk
             while not finished and len(sent) < _SEGMENT:
                 item = await queue.get()
                 if item is None:
@@ -912,12 +920,23 @@ class AsyncWriter:
                 sent.append(item)
                 yield item
 
-        async def attempt() -> bytes:
-            method = self.client._channel(server).stream_unary(wire.METHOD_WRITE)
-            reply: bytes = await method(frames(), timeout=self.client.timeout)
-            return reply
+        async def frames() -> AsyncIterator[bytes]:
+            async for header, payload in chunks():
+                yield wire.pack(header, payload)
 
-        header, _ = wire.unpack(await self.client._retry(server, attempt))
+        client = self.client
+
+        async def attempt() -> dict[str, Any]:
+            sock = await client._data.acquire(server) if client._use_data_plane else None
+            if sock is not None:
+                async with asyncio.timeout(client.timeout):
+                    reply = await _dataplane.write_segment(client._data, server, sock, chunks())
+                return {"error": reply["failed"]} if reply.get("failed") else reply
+            method = client._channel(server).stream_unary(wire.METHOD_WRITE)
+            header, _ = wire.unpack(await method(frames(), timeout=client.timeout))
+            return header
+
+        header = await client._retry(server, attempt)
         if header.get("error"):
             raise _raise_entry(header["error"], self.path)
         return not finished

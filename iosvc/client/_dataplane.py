@@ -8,13 +8,13 @@ import contextlib
 import os
 import socket
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import Any
 
 from iosvc import dataplane
 from iosvc.errors import DataCorruption, InvalidArgument
 
-__all__ = ["DataConnections", "read_frames"]
+__all__ = ["DataConnections", "read_frames", "write_segment"]
 
 #: Idle connections kept per server (one per concurrent read stream is enough).
 _KEEP_PER_SERVER = 8
@@ -158,6 +158,38 @@ async def read_frames(
             assert view is not None
             await dataplane.recv_exact(loop, sock, view)
             yield header, view, direct
+    finally:
+        if clean:
+            connections.release(server, sock)
+        else:
+            sock.close()
+
+
+async def write_segment(
+    connections: DataConnections,
+    server: int,
+    sock: socket.socket,
+    chunks: AsyncIterable[tuple[dict[str, Any], bytes]],
+) -> dict[str, Any]:
+    """Send a write segment on ``sock``: each ``(header, bytes)`` of ``chunks``, then a
+    flush; return the server's reply (``chunks``, ``bytes``, and ``failed`` if a chunk was
+    refused). The payloads are sent without a copy. The connection goes back to the pool
+    only after a reply, as in :func:`read_frames`."""
+    loop = asyncio.get_running_loop()
+    clean = False
+    try:
+        for_server = connections.servers[server]
+        async for header, payload in chunks:
+            head = dataplane.frame({**header, "op": "write", "n": len(payload)})
+            await dataplane.send_frame(loop, sock, head, payload)
+        await loop.sock_sendall(sock, dataplane.frame({"op": "flush"}))
+        reply = await dataplane.recv_header(loop, sock)
+        clean = reply.get("n", 0) == 0
+        if "error" in reply:
+            raise dataplane.error_from_frame(reply, f"server {for_server}")
+        if not reply.get("end"):
+            raise InvalidArgument(f"server {for_server} answered a write with {reply!r}")
+        return reply
     finally:
         if clean:
             connections.release(server, sock)

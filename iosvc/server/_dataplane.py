@@ -1,4 +1,4 @@
-"""A server's data port: chunk reads over plain TCP (see :mod:`iosvc.dataplane`)."""
+"""A server's data port: chunk reads and writes over plain TCP (see :mod:`iosvc.dataplane`)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ class DataPlaneServer:
         self.request_timeout = request_timeout
         self.port: int | None = None
         self.connections = 0
-        #: payload bytes sent (a statistic: ``iosvc status``, tests)
+        #: payload bytes sent and stored (statistics: ``iosvc status``, metrics, tests)
         self.bytes_sent = 0
+        self.bytes_received = 0
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -93,30 +94,40 @@ class DataPlaneServer:
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self.connections += 1
+        segment = _Segment()
         try:
             while True:
+                # Inside a write segment the client must keep sending, as on a gRPC stream.
+                idle = self.request_timeout if segment.open else IDLE_CLOSE
                 try:
-                    header = await self._next_request(loop, conn)
+                    header = await self._next_request(loop, conn, idle)
+                    if header is None:
+                        return
+                    op = header.get("op")
+                    if op == "write":
+                        await self._receive_chunk(loop, conn, header, segment)
+                    elif op == "flush":
+                        await dataplane.send_frame(loop, conn, segment.reply())
+                        segment = _Segment()
+                    else:
+                        await self._answer(loop, conn, header)
                 except InvalidArgument as exc:
                     # Malformed framing: the stream cannot be trusted to resync; say why, close.
                     await dataplane.send_frame(loop, conn, dataplane.error_frame(exc))
                     return
-                if header is None:
-                    return
-                await self._answer(loop, conn, header)
         except (OSError, TimeoutError):
-            return  # the client went away (or stalled mid-request); nothing to answer
+            return  # the client went away or stalled; an unflushed segment is never committed
         finally:
             self.connections -= 1
             conn.close()
 
     async def _next_request(
-        self, loop: asyncio.AbstractEventLoop, conn: socket.socket
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, idle: float
     ) -> dict[str, Any] | None:
         """The next request header; None when the client closed the connection or idled."""
         first = bytearray(1)
         try:
-            got = await asyncio.wait_for(loop.sock_recv_into(conn, memoryview(first)), IDLE_CLOSE)
+            got = await asyncio.wait_for(loop.sock_recv_into(conn, memoryview(first)), idle)
         except TimeoutError:
             return None
         if got == 0:
@@ -130,6 +141,46 @@ class DataPlaneServer:
             raw = bytearray(size)
             await dataplane.recv_exact(loop, conn, memoryview(raw))
         return dataplane.decode_header(raw)
+
+    async def _receive_chunk(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: socket.socket,
+        header: dict[str, Any],
+        segment: _Segment,
+    ) -> None:
+        """One chunk of a write segment: stored through the service, or (after a failure in
+        the segment, or a refused chunk) its bytes read and dropped to stay in step."""
+        size = header.get("n")
+        if not isinstance(size, int) or not 0 <= size <= dataplane.MAX_PAYLOAD:
+            raise InvalidArgument(f"chunk payload length {size!r} out of range")
+        segment.open = True
+        received = False
+
+        async def fill(view: memoryview) -> None:
+            nonlocal received
+            received = True
+            async with asyncio.timeout(self.request_timeout):
+                await dataplane.recv_exact(loop, conn, view)
+
+        if segment.failure is None:
+            try:
+                await self.service.write_chunk(header, size, fill)
+                self.bytes_received += size
+                segment.chunks += 1
+                segment.bytes += size
+            except IosvcError as exc:
+                segment.failure = exc
+        if not received:
+            await self._drain(loop, conn, size)
+
+    async def _drain(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, size: int) -> None:
+        scratch = memoryview(bytearray(min(size, 1 << 20)))
+        async with asyncio.timeout(self.request_timeout):
+            while size:
+                part = scratch[: min(size, len(scratch))]
+                await dataplane.recv_exact(loop, conn, part)
+                size -= len(part)
 
     async def _answer(
         self, loop: asyncio.AbstractEventLoop, conn: socket.socket, header: dict[str, Any]
@@ -159,3 +210,21 @@ class DataPlaneServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _Segment:
+    """What one write segment (chunks up to a ``flush``) stored, or why it stopped."""
+
+    __slots__ = ("bytes", "chunks", "failure", "open")
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.bytes = 0
+        self.failure: IosvcError | None = None
+        self.open = False
+
+    def reply(self) -> bytes:
+        header: dict[str, Any] = {"end": True, "n": 0, "chunks": self.chunks, "bytes": self.bytes}
+        if self.failure is not None:
+            header["failed"] = [type(self.failure).__name__, str(self.failure)]
+        return dataplane.frame(header)

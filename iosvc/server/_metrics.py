@@ -96,3 +96,8 @@ class _ServiceCollector(Collector):
                 "Payload bytes sent over the data port",
                 value=s.data_plane.bytes_sent,
             )
+            yield CounterMetricFamily(
+                "iosvc_data_received_bytes",
+                "Payload bytes received and stored over the data port",
+                value=s.data_plane.bytes_received,
+            )

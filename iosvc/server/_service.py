@@ -364,21 +364,12 @@ class IoService:
                 if failure is not None:
                     continue
                 try:
-                    self._require_configured()
                     header, payload = wire.unpack(frame)
-                    identity = self.auth.caller(header).identity
-                    key = str(header.get("key"))
-                    home, uid, _ = parse_chunk_key(header.get("key"))
-                    checksum = header.get("ck")
-                    if len(payload) > wire.MAX_CHUNK_SIZE:
-                        raise InvalidArgument(f"chunk of {len(payload)} bytes over the limit")
-                    async with (
-                        self.budget.hold(len(payload)),
-                        self.gate.admit(identity, len(payload)),
-                    ):
-                        if xxhash.xxh3_64_intdigest(payload) != checksum:
-                            raise DataCorruption(f"chunk {key} arrived corrupt (checksum mismatch)")
-                        await self._put_chunk(home, uid, key, payload, checksum)
+
+                    async def fill(view: memoryview, payload: memoryview = payload) -> None:
+                        view[:] = payload
+
+                    await self.write_chunk(header, len(payload), fill)
                     count += 1
                     total += len(payload)
                 except IosvcError as exc:
@@ -389,6 +380,40 @@ class IoService:
         if failure is not None:
             reply["error"] = _error_entry(failure)
         return wire.pack(reply)
+
+    async def write_chunk(
+        self,
+        header: dict[str, Any],
+        size: int,
+        fill: Callable[[memoryview], Awaitable[None]],
+    ) -> None:
+        """Store one chunk a writer sends (gRPC ``WriteChunks`` or the data port alike).
+
+        ``header`` names the chunk (``key``), its xxh3-64 (``ck``) and the caller; ``fill``
+        puts its ``size`` bytes into the buffer it is given. The bytes are taken only once
+        the in-flight budget has room for them (back-pressure on the sender), then admitted
+        by the scheduler, verified, and stored with their checksum trailer, with no copy
+        beyond the one ``fill`` makes.
+        """
+        self._require_configured()
+        identity = self.auth.caller(header).identity
+        key = str(header.get("key"))
+        home, uid, _ = parse_chunk_key(header.get("key"))
+        checksum = header.get("ck")
+        if not isinstance(checksum, int):
+            raise InvalidArgument("a written chunk needs its xxh3-64 checksum 'ck'")
+        if not 0 <= size <= wire.MAX_CHUNK_SIZE:
+            raise InvalidArgument(f"chunk of {size} bytes over the limit")
+        async with self.budget.hold(size):
+            value = bytearray(size + _CK)
+            data = memoryview(value)[:size]
+            await fill(data)
+            async with self.gate.admit(identity, size):
+                if xxhash.xxh3_64_intdigest(data) != checksum:
+                    raise DataCorruption(f"chunk {key} arrived corrupt (checksum mismatch)")
+                value[size:] = checksum.to_bytes(_CK, "little")
+                data.release()
+                await self._store_chunk(home, uid, key, value)
 
     async def _put_chunk(
         self, home: int, uid: str, key: str, payload: memoryview | bytes, checksum: int
@@ -663,6 +688,7 @@ class IoService:
             "data_port": self.data_plane.port if self.data_plane is not None else None,
             "data_connections": self.data_plane.connections if self.data_plane else 0,
             "data_bytes_sent": self.data_plane.bytes_sent if self.data_plane else 0,
+            "data_bytes_received": self.data_plane.bytes_received if self.data_plane else 0,
         }, None
 
     async def _op_endpoints(
