@@ -14,7 +14,8 @@ iosvc (``LocalCluster(2, memory=...)``, a client on uvloop in this process):
   ports (``iosvc/dataplane.py``); ``read_large_grpc_bps`` is the same through gRPC only
   (``IOSVC_DATA_PLANE=0``), alternated with it repeat by repeat. ``read_large_bytes_bps``:
   the naive path, ``AsyncClient.read(path)`` returning one ``bytes``.
-* ``write_large_bps``: ``AsyncClient.write(path, data)`` of the whole file. Timed writes go to
+* ``write_large_bps``: ``AsyncClient.write(path, data)`` of the whole file (over the data
+  ports; ``write_large_grpc_bps`` through gRPC only, alternated with it). Timed writes go to
   a server whose previous copy was removed, so the servers reuse freed heap; the first
   (cold) write, which faults in fresh server memory, is reported as ``write_large_first_bps``.
 * ``small_read_ops`` / ``small_write_ops``: 4 KiB files through ``read_many`` / ``write_many``.
@@ -267,8 +268,18 @@ async def bench_iosvc(
     await timed(first, size, lambda: client.write(big, data))
     await client.rm([big])
     await wait_freed(client, base)
-    write = Phase(meter)
+    # The same transfers through gRPC only (IOSVC_DATA_PLANE=0, read at client construction):
+    # the peer of the data port (iosvc/dataplane.py), alternated with it repeat by repeat.
+    os.environ["IOSVC_DATA_PLANE"] = "0"
+    try:
+        grpc_client = AsyncClient(spec)
+    finally:
+        del os.environ["IOSVC_DATA_PLANE"]
+    write, write_grpc = Phase(meter), Phase(meter)
     for n in range(repeats):
+        await timed(write_grpc, size, lambda: grpc_client.write(big, data))
+        await client.rm([big])
+        await wait_freed(client, base)
         await timed(write, size, lambda: client.write(big, data))
         if n + 1 < repeats:
             await client.rm([big])  # keep the last copy for the reads
@@ -276,6 +287,8 @@ async def bench_iosvc(
     res["write_large_first_bps"] = summarize(first.rates)
     res["write_large_bps"] = summarize(write.rates)
     cpu["write_large"] = write.cpu_report(GiB, "CPU-s per GiB")
+    res["write_large_grpc_bps"] = summarize(write_grpc.rates)
+    cpu["write_large_grpc"] = write_grpc.cpu_report(GiB, "CPU-s per GiB")
 
     tcp.sample()
 
@@ -287,14 +300,6 @@ async def bench_iosvc(
         n = await client.read_into(info, window, start)
         if view[:n] != memoryview(data)[start : start + n]:
             raise SystemExit(f"read_into returned wrong bytes at offset {start}")
-
-    # The same reads through gRPC only (IOSVC_DATA_PLANE=0, read at client construction):
-    # the peer of the data port (iosvc/dataplane.py), alternated with it repeat by repeat.
-    os.environ["IOSVC_DATA_PLANE"] = "0"
-    try:
-        grpc_client = AsyncClient(spec)
-    finally:
-        del os.environ["IOSVC_DATA_PLANE"]
 
     def read_all_into(reader: Any) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
@@ -452,6 +457,7 @@ def render(result: dict[str, Any]) -> None:
         ("read_large_grpc_bps", "GB/s", bps, "read_large_grpc_vs_tcp"),
         ("read_large_bytes_bps", "GB/s", bps, "read_large_bytes_vs_tcp"),
         ("write_large_bps", "GB/s", bps, "write_large_vs_tcp"),
+        ("write_large_grpc_bps", "GB/s", bps, "write_large_grpc_vs_tcp"),
         ("write_large_first_bps", "GB/s", bps, "write_large_first_vs_tcp"),
         ("small_read_ops", "files/s", lambda x: f"{x:,.0f}", None),
         ("small_write_ops", "files/s", lambda x: f"{x:,.0f}", None),
@@ -596,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         / metrics["read_large_grpc_bps"]["median"],
         "read_large_bytes_vs_tcp": metrics["read_large_bytes_bps"]["median"] / tcp_bps,
         "write_large_vs_tcp": metrics["write_large_bps"]["median"] / tcp_bps,
+        "write_large_grpc_vs_tcp": metrics["write_large_grpc_bps"]["median"] / tcp_bps,
+        "write_large_data_port_vs_grpc": metrics["write_large_bps"]["median"]
+        / metrics["write_large_grpc_bps"]["median"],
         "write_large_first_vs_tcp": metrics["write_large_first_bps"]["median"] / tcp_bps,
         "read_large_vs_page_cache": metrics["read_large_bps"]["median"]
         / metrics["page_cache_bps"]["median"],
