@@ -5,7 +5,12 @@ a plain TCP listener. Each connection carries one request at a time, as frames o
 ``[u32 header length][msgpack header]`` followed by ``n`` raw payload bytes where the header
 says ``"n": n``::
 
-    read      {"op": "read", "chunks": [[key, start, length, whole], ...], <identity>}
+    hello     {"op": "hello", "to": instance}   (the instance id ``endpoints`` gave with the port)
+      reply   {"end": true, "n": 0}, or {"error": "Unavailable", ...} and a close: the port
+              now belongs to another process (the server restarted), ask for it again
+
+    read      {"op": "read", "chunks": [[key, start, length, whole], ...], <identity>,
+               "host": ...}   (optional: offers to read the chunk files in place, same host)
       reply   {"i": k, "n": n, "ck": ...} + n bytes   (or {"i": k, "path": ...}), one per piece
       last    {"end": true, "n": 0}   or   {"error": name, "msg": ..., "n": 0}
 
@@ -15,7 +20,11 @@ says ``"n": n``::
 
 A write segment (its chunks up to the ``flush``) is what a gRPC ``WriteChunks`` call is: after
 a failed chunk the server reads and drops the rest of the segment, and its reply names the
-failure.
+failure; a client silent for ``--stream-idle-timeout`` inside a segment is cut off (its
+client retries the segment on a new connection; chunks never flushed are never committed).
+A malformed frame gets an ``InvalidArgument`` error frame, then the connection is closed
+(the stream cannot be resynchronised); a server at its connection cap answers a new
+connection with an ``Unavailable`` error frame and closes it.
 
 Why a second transport: through grpc.aio a 1 GiB read cost ~1.4 CPU-s on this project's
 2-core VM (client and servers together: gRPC copies every message into its own slices, then

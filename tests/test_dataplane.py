@@ -1,4 +1,4 @@
-"""The data plane: bulk reads over the servers' plain-TCP data ports."""
+"""The data plane: bulk reads and writes over the servers' plain-TCP data ports."""
 
 from __future__ import annotations
 
@@ -408,3 +408,25 @@ def test_writes_need_a_valid_token_on_a_secure_cluster(tmp_path: Path) -> None:
         assert reply["chunks"] == 0 and reply["failed"][0] == "Unauthenticated"
         conn.close()
         assert admin.status()[0]["used"] == 0
+
+
+def test_hello_names_the_server_instance_a_client_asked_for(raw: Raw, spec: ClusterSpec) -> None:
+    """A port number a restarted server left may belong to another process since: clients
+    say which instance they expect, and any other one refuses and closes."""
+
+    async def endpoints() -> dict[str, Any]:
+        async with AsyncClient(spec) as ac:
+            reply, _ = await ac.call(0, {"op": "endpoints"})
+            return reply
+
+    instance = asyncio.run(endpoints())["instance"]
+    raw.request({"op": "hello", "to": instance})
+    assert raw.reply()[0] == {"end": True, "n": 0}
+    raw.request({"op": "read", "id": ID, "chunks": []})  # and the connection serves on
+    assert raw.reply()[0] == {"end": True, "n": 0}
+    other = Raw(data_address(spec))
+    other.request({"op": "hello", "to": "0" * 32})
+    reply, _ = other.reply()
+    assert reply["error"] == "Unavailable" and "restarted" in reply["msg"]
+    assert other.closed()
+    other.close()

@@ -87,7 +87,7 @@ def test_client_reads_and_writes_over_tls(tls_cluster: ClusterSpec, certs: dict[
     client.write("tls/blob", data)
     assert client.read("tls/blob") == data
     client.rm("tls/blob")  # the home server tells its peer to drop chunks, over TLS
-    # No plaintext data port beside TLS: bulk reads stay on the encrypted gRPC streams.
+    # No plaintext data port beside TLS: bulk transfers stay on the encrypted gRPC streams.
     assert all(s["data_port"] is None and s["data_bytes_sent"] == 0 for s in client.status())
 
 

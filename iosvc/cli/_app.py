@@ -281,8 +281,8 @@ def serve(
     data_port: Annotated[
         int,
         typer.Option(
-            help="Port of the data plane, plain TCP for bulk reads beside gRPC (0: any free "
-            "port; -1: off, reads go through gRPC; always off with TLS)."
+            help="Port of the data plane, plain TCP for bulk reads and writes beside gRPC "
+            "(0: any free port; -1: off, everything goes through gRPC; always off with TLS)."
         ),
     ] = 0,
     tls_cert: TlsCertOpt = None,

@@ -31,6 +31,7 @@ from iosvc.errors import (
     DataCorruption,
     DeadlineExceeded,
     ForkedAfterGrpc,
+    InternalError,
     InvalidArgument,
     IosvcError,
     IsADirectory,
@@ -194,9 +195,12 @@ class AsyncClient:
         # not keeping chunks in files (so mapping their files is not worth trying).
         self._sends_bytes: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Bulk reads go over the servers' data ports (plain TCP, see iosvc.dataplane) unless
-        # the cluster uses TLS (then gRPC encrypts them) or IOSVC_DATA_PLANE=0.
-        self._data = _dataplane.DataConnections(self.spec.servers, self._ask_data_port)
+        # Bulk reads and writes go over the servers' data ports (plain TCP, see
+        # iosvc.dataplane) unless the cluster uses TLS (then gRPC encrypts them) or
+        # IOSVC_DATA_PLANE=0.
+        self._data = _dataplane.DataConnections(
+            self.spec.servers, self._ask_data_port, connect_timeout=min(timeout, 10.0)
+        )
         self._use_data_plane = self.tls_ca is None and _dataplane.enabled()
         _clients.add(self)
         # Keep gRPC's per-message buffers in the heap: without it every 1 MiB chunk lands in
@@ -235,8 +239,9 @@ class AsyncClient:
                 return await attempt()
             except (ConnectionError, TimeoutError) as exc:
                 # The data plane: a cut or refused connection is retried like gRPC's
-                # UNAVAILABLE (on a new connection, the port asked again); a deadline is not.
-                if isinstance(exc, IosvcError) and not isinstance(exc, Unavailable):
+                # UNAVAILABLE (on a new connection, the port asked again); a deadline is not,
+                # nor an iosvc error (a nested call, e.g. for the port, retried already).
+                if isinstance(exc, IosvcError):
                     raise
                 where = f"server {self.spec.servers[server]}"
                 self._data.forget(server)
@@ -272,13 +277,16 @@ class AsyncClient:
 
         return wire.unpack(await self._retry(server, attempt))
 
-    async def _ask_data_port(self, server: int) -> int | None:
+    async def _ask_data_port(self, server: int) -> tuple[int, str] | None:
+        """The server's data port and instance id (None: it has no data port)."""
         try:
             reply, _ = await self.call(server, {"op": "endpoints"})
         except InvalidArgument:  # a server older than the data plane
             return None
-        port = reply.get("data_port")
-        return port if isinstance(port, int) and 0 < port < 65536 else None
+        port, instance = reply.get("data_port"), reply.get("instance")
+        if isinstance(port, int) and 0 < port < 65536 and isinstance(instance, str):
+            return port, instance
+        return None
 
     async def call_all(self, header: dict[str, Any]) -> list[dict[str, Any]]:
         """Send one operation to every server at once; their reply headers, in order."""
@@ -835,7 +843,8 @@ _Chunk = tuple[dict[str, Any], bytes]
 class AsyncWriter:
     """Streams one file's chunks to their servers; :meth:`close` commits it.
 
-    Chunks go out as soon as they are full, over one ``WriteChunks`` stream per server, so
+    Chunks go out as soon as they are full, over one stream per server (its data port, or a
+    gRPC ``WriteChunks`` call), so
     memory stays at about one chunk per server. Until :meth:`close` returns, readers see the
     previous version (or nothing); if the writer dies, its chunks are reclaimed by the servers.
     """
@@ -904,21 +913,40 @@ class AsyncWriter:
 
     async def _segment(self, server: int, queue: asyncio.Queue[_Chunk | None]) -> bool:
         """Send up to ``_SEGMENT`` chunks in one call (over the server's data port, or a
-        gRPC ``WriteChunks`` stream); False once the end was reached."""
-        sent: list[_Chunk] = []
-        finished = False
+        gRPC ``WriteChunks`` stream); False once the end was reached.
 
-        async def chunks() -> AsyncIterator[_Chunk]:
-            nonlocal finished
-            for chunk in sent:  # a retry resends what the failed attempt sent
-                yield chunk
-            while not finished and len(sent) < _SEGMENT:
+        One task takes the segment's chunks off the queue into ``sent``; each attempt only
+        reads ``sent``. (An attempt that took from the queue itself could lose a chunk: a
+        failed gRPC call does not cancel the task reading its request iterator, which then
+        took the next chunk for the dead call while the retry waited.)
+        """
+        sent: list[_Chunk] = []
+        arrived = asyncio.Event()
+
+        async def pull() -> bool:
+            while len(sent) < _SEGMENT:
                 item = await queue.get()
                 if item is None:
-                    finished = True
-                    return
+                    return True
                 sent.append(item)
-                yield item
+                arrived.set()
+            return False
+
+        puller = asyncio.ensure_future(pull())
+
+        async def chunks() -> AsyncIterator[_Chunk]:
+            i = 0
+            while True:
+                if i < len(sent):
+                    yield sent[i]
+                    i += 1
+                elif puller.done():
+                    return
+                else:
+                    arrived.clear()
+                    waiter = asyncio.ensure_future(arrived.wait())
+                    await asyncio.wait((waiter, puller), return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
 
         async def frames() -> AsyncIterator[bytes]:
             async for header, payload in chunks():
@@ -931,15 +959,25 @@ class AsyncWriter:
             if sock is not None:
                 async with asyncio.timeout(client.timeout):
                     reply = await _dataplane.write_segment(client._data, server, sock, chunks())
-                return {"error": reply["failed"]} if reply.get("failed") else reply
+                if reply.get("failed"):
+                    return {"error": reply["failed"]}
+                return {"n": reply.get("chunks")}
             method = client._channel(server).stream_unary(wire.METHOD_WRITE)
             header, _ = wire.unpack(await method(frames(), timeout=client.timeout))
             return header
 
-        header = await client._retry(server, attempt)
+        try:
+            header = await client._retry(server, attempt)
+        finally:
+            puller.cancel()
         if header.get("error"):
             raise _raise_entry(header["error"], self.path)
-        return not finished
+        if header.get("n") != len(sent):  # never acknowledge what was not stored
+            raise InternalError(
+                f"{self.path}: server {client.spec.servers[server]} stored "
+                f"{header.get('n')} of {len(sent)} chunks of a segment"
+            )
+        return not puller.result()  # done: the attempt read every chunk it pulled
 
     def _raise_failed_stream(self) -> None:
         for task in self._streams.values():

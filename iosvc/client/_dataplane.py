@@ -1,5 +1,5 @@
 """The client side of the data plane (see :mod:`iosvc.dataplane`): pooled plain-TCP
-connections to the servers' data ports, and the read stream over one."""
+connections to the servers' data ports, and the read and write streams over one."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import Any
 
 from iosvc import dataplane
-from iosvc.errors import DataCorruption, InvalidArgument
+from iosvc.errors import DataCorruption, InvalidArgument, IosvcError
 
 __all__ = ["DataConnections", "read_frames", "write_segment"]
 
@@ -21,8 +21,8 @@ _KEEP_PER_SERVER = 8
 
 
 def enabled() -> bool:
-    """``IOSVC_DATA_PLANE=0`` sends every read through gRPC (e.g. behind a firewall that
-    opens the gRPC ports only)."""
+    """``IOSVC_DATA_PLANE=0`` sends every transfer through gRPC (e.g. behind a firewall
+    that opens the gRPC ports only)."""
     return os.environ.get("IOSVC_DATA_PLANE", "1") != "0"
 
 
@@ -34,24 +34,31 @@ class DataConnections:
     servers
         ``host:port`` of each server's gRPC endpoint (the data port is on the same host).
     ask_port
-        Coroutine asking server ``i`` for its data port (a gRPC ``endpoints`` call); None
-        means the server has none.
+        Coroutine asking server ``i`` for its data port and instance id (a gRPC
+        ``endpoints`` call); None means the server has none.
+    connect_timeout
+        Seconds a new connection may take (a port behind a firewall that drops packets
+        would otherwise hold a read for the kernel's connect timeout).
     """
 
     def __init__(
-        self, servers: tuple[str, ...], ask_port: Callable[[int], Awaitable[int | None]]
+        self,
+        servers: tuple[str, ...],
+        ask_port: Callable[[int], Awaitable[tuple[int, str] | None]],
+        connect_timeout: float = 10.0,
     ) -> None:
         self.servers = servers
         self._ask_port = ask_port
-        self._ports: dict[int, int | None] = {}
+        self.connect_timeout = connect_timeout
+        self._ports: dict[int, tuple[int, str] | None] = {}
         # Idle connections as bare descriptors: a client dropped without close() then
         # neither leaks them (the finalizer closes them) nor warns of unclosed sockets.
         self._idle: dict[int, list[int]] = {}
         self._finalizer = weakref.finalize(self, _close_all, self._idle)
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def port(self, server: int) -> int | None:
-        """The server's data port (asked once, until a connection to it fails)."""
+    async def port(self, server: int) -> tuple[int, str] | None:
+        """The server's data port and instance (asked once, until a connection fails)."""
         if server not in self._ports:
             self._ports[server] = await self._ask_port(server)
         return self._ports[server]
@@ -67,26 +74,35 @@ class DataConnections:
             sock = socket.socket(fileno=idle.pop())
             sock.setblocking(False)
             return sock
-        port = await self.port(server)
-        if port is None:
+        endpoint = await self.port(server)
+        if endpoint is None:
             return None
+        port, instance = endpoint
         host = self.servers[server].rpartition(":")[0].strip("[]")
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            family, kind, proto, _, address = infos[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, address)
-            except BaseException:
-                sock.close()
-                raise
-        except OSError as exc:
-            self._ports.pop(server, None)  # a restarted server may listen elsewhere now
+            async with asyncio.timeout(self.connect_timeout):
+                sock = await _connect(loop, host, port)
+                try:
+                    # The port may have passed to another process since it was asked (a
+                    # restarted server binds a new one): check it is the same server.
+                    await loop.sock_sendall(sock, dataplane.frame({"op": "hello", "to": instance}))
+                    reply = await dataplane.recv_header(loop, sock)
+                except BaseException:
+                    sock.close()
+                    raise
+        except (OSError, TimeoutError, IosvcError) as exc:
+            self._ports.pop(server, None)  # ask again: a restarted server listens elsewhere
             raise dataplane.FrameError(
-                f"cannot connect to the data port {host}:{port}: {exc}"
+                f"cannot use the data port {host}:{port} of server {self.servers[server]}: "
+                f"{exc or type(exc).__name__}"
             ) from exc
-        dataplane.tune_socket(sock)
+        if "error" in reply or not reply.get("end"):
+            sock.close()
+            self._ports.pop(server, None)
+            raise dataplane.FrameError(
+                f"data port {host}:{port} is not server {self.servers[server]} any more: "
+                f"{reply.get('msg', reply)}"
+            )
         return sock
 
     def release(self, server: int, sock: socket.socket) -> None:
@@ -107,6 +123,27 @@ class DataConnections:
         """Close every idle connection (after fork, or on another event loop)."""
         _close_all(self._idle)
         self._idle.clear()
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A tuned connection to the first address of ``host`` that answers."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        dataplane.tune_socket(sock)
+        return sock
+    raise error
 
 
 def _close_all(idle: dict[int, list[int]]) -> None:
@@ -158,6 +195,10 @@ async def read_frames(
             assert view is not None
             await dataplane.recv_exact(loop, sock, view)
             yield header, view, direct
+    except OSError as exc:
+        if isinstance(exc, IosvcError | dataplane.FrameError):
+            raise
+        raise dataplane.FrameError(f"data connection failed: {exc}") from exc
     finally:
         if clean:
             connections.release(server, sock)
@@ -184,12 +225,16 @@ async def write_segment(
             await dataplane.send_frame(loop, sock, head, payload)
         await loop.sock_sendall(sock, dataplane.frame({"op": "flush"}))
         reply = await dataplane.recv_header(loop, sock)
-        clean = reply.get("n", 0) == 0
+        clean = reply.get("n", 0) == 0 and ("error" in reply or bool(reply.get("end")))
         if "error" in reply:
             raise dataplane.error_from_frame(reply, f"server {for_server}")
         if not reply.get("end"):
             raise InvalidArgument(f"server {for_server} answered a write with {reply!r}")
         return reply
+    except OSError as exc:
+        if isinstance(exc, IosvcError | dataplane.FrameError):
+            raise
+        raise dataplane.FrameError(f"data connection failed: {exc}") from exc
     finally:
         if clean:
             connections.release(server, sock)

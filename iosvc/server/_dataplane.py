@@ -9,30 +9,38 @@ import socket
 from typing import Any
 
 from iosvc import dataplane
-from iosvc.errors import InternalError, InvalidArgument, IosvcError
+from iosvc.errors import InternalError, InvalidArgument, IosvcError, Unavailable
 from iosvc.server._service import IoService
 
 __all__ = ["MAX_DATA_CONNECTIONS", "DataPlaneServer"]
 
 log = logging.getLogger("iosvc.server")
 
-#: Open data connections a server keeps at once; more are told so and closed.
-MAX_DATA_CONNECTIONS = 4096
-#: Seconds an open connection may wait between requests before the server closes it
-#: (clients reconnect transparently).
+#: Open data connections a server keeps at once; more are told so and closed. Well under
+#: the usual 1024 open files, so gRPC and the store keep descriptors to work with.
+MAX_DATA_CONNECTIONS = 512
+#: Seconds a connection that has been used may wait for its next request before the server
+#: closes it (a pooled connection: its client opens a new one, one retry later).
 IDLE_CLOSE = 600.0
 
 
+class _PeerGone(Exception):
+    """The client's side of the connection failed or stalled: nothing more to tell it."""
+
+
 class DataPlaneServer:
-    """Accepts data connections and serves their read requests through ``service``.
+    """Accepts data connections and serves their reads and write segments through
+    ``service``.
 
     Parameters
     ----------
     service
-        The server whose :meth:`IoService.read_stream` (identity, scheduler, store) answers.
+        The server whose :meth:`IoService.read_stream` and :meth:`IoService.write_chunk`
+        (identity, scheduler, budget, store) answer.
     request_timeout
-        Seconds a client may take to send the rest of a request it has started (a stalled
-        or hostile client does not hold a connection slot forever).
+        Seconds a client may take for any one step: to send its first request, the rest of a
+        request it has started, the next chunk of an open write segment, or to take a reply
+        (a stalled or hostile client does not hold a connection slot or budget for longer).
     """
 
     def __init__(self, service: IoService, request_timeout: float = 60.0) -> None:
@@ -77,77 +85,128 @@ class DataPlaneServer:
                 log.warning("data port accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            dataplane.tune_socket(conn)
-            if self.connections >= MAX_DATA_CONNECTIONS:
-                self._spawn(self._refuse(conn))
-                continue
-            self._spawn(self._serve(conn))
+            try:
+                dataplane.tune_socket(conn)
+                if self.connections >= MAX_DATA_CONNECTIONS:
+                    self._spawn(self._refuse(conn))
+                    continue
+                self.connections += 1  # counted here: a burst of accepts cannot pass the cap
+                self._spawn(self._serve(conn))
+            except Exception:  # never let one connection stop the accept loop
+                log.exception("data port: could not take a connection")
+                conn.close()
 
     async def _refuse(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(OSError), conn:
-            error = dataplane.error_frame(
-                IosvcError(f"server has {MAX_DATA_CONNECTIONS} data connections open")
+        with contextlib.suppress(OSError, TimeoutError), conn:
+            error = Unavailable(f"server has {MAX_DATA_CONNECTIONS} data connections open")
+            await asyncio.wait_for(
+                dataplane.send_frame(loop, conn, dataplane.error_frame(error)), 5
             )
-            await asyncio.wait_for(dataplane.send_frame(loop, conn, error), 5)
+
+    async def _send(
+        self, conn: socket.socket, head: bytes, payload: bytes | bytearray | memoryview = b""
+    ) -> None:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                await dataplane.send_frame(asyncio.get_running_loop(), conn, head, payload)
+        except (OSError, TimeoutError) as exc:
+            raise _PeerGone from exc
+
+    async def _recv_exact(self, conn: socket.socket, view: memoryview) -> None:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                await dataplane.recv_exact(asyncio.get_running_loop(), conn, view)
+        except (OSError, TimeoutError) as exc:
+            raise _PeerGone from exc
 
     async def _serve(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        self.connections += 1
         segment = _Segment()
+        idle = self.request_timeout  # until the first request; then IDLE_CLOSE
         try:
             while True:
                 # Inside a write segment the client must keep sending, as on a gRPC stream.
-                idle = self.request_timeout if segment.open else IDLE_CLOSE
                 try:
-                    header = await self._next_request(loop, conn, idle)
+                    header = await self._next_request(conn, idle)
                     if header is None:
                         return
+                    idle = self.request_timeout if segment.open else IDLE_CLOSE
                     op = header.get("op")
                     if op == "write":
-                        await self._receive_chunk(loop, conn, header, segment)
+                        await self._receive_chunk(conn, header, segment)
+                        idle = self.request_timeout
                     elif op == "flush":
-                        await dataplane.send_frame(loop, conn, segment.reply())
+                        await self._send(conn, segment.reply())
                         segment = _Segment()
+                        idle = IDLE_CLOSE
+                    elif op == "hello":
+                        await self._hello(conn, header)
                     else:
-                        await self._answer(loop, conn, header)
+                        await self._answer(conn, header)
                 except InvalidArgument as exc:
                     # Malformed framing: the stream cannot be trusted to resync; say why, close.
-                    await dataplane.send_frame(loop, conn, dataplane.error_frame(exc))
+                    await self._send(conn, dataplane.error_frame(exc))
                     return
-        except (OSError, TimeoutError):
-            return  # the client went away or stalled; an unflushed segment is never committed
+        except _PeerGone:
+            return  # the client went away or stalled; an unflushed segment's file is never
+            # committed (its chunks are reclaimed by the garbage collector)
         finally:
             self.connections -= 1
             conn.close()
 
-    async def _next_request(
-        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, idle: float
-    ) -> dict[str, Any] | None:
+    async def _next_request(self, conn: socket.socket, idle: float) -> dict[str, Any] | None:
         """The next request header; None when the client closed the connection or idled."""
         first = bytearray(1)
+        loop = asyncio.get_running_loop()
         try:
             got = await asyncio.wait_for(loop.sock_recv_into(conn, memoryview(first)), idle)
-        except TimeoutError:
+        except (OSError, TimeoutError):
             return None
         if got == 0:
             return None
         rest = bytearray(3)
-        async with asyncio.timeout(self.request_timeout):
-            await dataplane.recv_exact(loop, conn, memoryview(rest))
-            size = int.from_bytes(first + rest, "little")
-            if size > dataplane.MAX_DATA_HEADER:
-                raise InvalidArgument(f"header length {size} is over {dataplane.MAX_DATA_HEADER}")
-            raw = bytearray(size)
-            await dataplane.recv_exact(loop, conn, memoryview(raw))
+        await self._recv_exact(conn, memoryview(rest))
+        size = int.from_bytes(first + rest, "little")
+        if size > dataplane.MAX_DATA_HEADER:
+            raise InvalidArgument(f"header length {size} is over {dataplane.MAX_DATA_HEADER}")
+        raw = bytearray(size)
+        await self._recv_exact(conn, memoryview(raw))
         return dataplane.decode_header(raw)
 
+    async def _hello(self, conn: socket.socket, header: dict[str, Any]) -> None:
+        """A client checks it reached the server it asked for the port (not a process that
+        took the port number over after a restart)."""
+        if header.get("to") != self.service.instance:
+            error = Unavailable("not the server instance the client asked for (restarted?)")
+            await self._send(conn, dataplane.error_frame(error))
+            raise _PeerGone  # close: the client asks for the port again
+        await self._send(conn, dataplane.frame({"end": True, "n": 0}))
+
+    async def _answer(self, conn: socket.socket, header: dict[str, Any]) -> None:
+        error: IosvcError | None = None
+        try:
+            if header.get("op") != "read":
+                raise InvalidArgument(f"unknown data-port operation {header.get('op')!r}")
+            stream = self.service.read_stream(header)
+            async with contextlib.aclosing(stream):
+                async for reply, payload in stream:
+                    reply["n"] = len(payload)
+                    await self._send(conn, dataplane.frame(reply), payload)
+                    self.bytes_sent += len(payload)
+        except _PeerGone:
+            raise
+        except IosvcError as exc:
+            error = exc
+        except Exception as exc:  # the store's OSErrors too: the client is told, not cut off
+            log.exception("internal error on the data port", exc_info=exc)
+            error = InternalError(f"internal server error: {type(exc).__name__}: {exc}")
+        if error is not None:
+            await self._send(conn, dataplane.error_frame(error))
+        else:
+            await self._send(conn, dataplane.frame({"end": True, "n": 0}))
+
     async def _receive_chunk(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        conn: socket.socket,
-        header: dict[str, Any],
-        segment: _Segment,
+        self, conn: socket.socket, header: dict[str, Any], segment: _Segment
     ) -> None:
         """One chunk of a write segment: stored through the service, or (after a failure in
         the segment, or a refused chunk) its bytes read and dropped to stay in step."""
@@ -160,8 +219,7 @@ class DataPlaneServer:
         async def fill(view: memoryview) -> None:
             nonlocal received
             received = True
-            async with asyncio.timeout(self.request_timeout):
-                await dataplane.recv_exact(loop, conn, view)
+            await self._recv_exact(conn, view)
 
         if segment.failure is None:
             try:
@@ -169,47 +227,29 @@ class DataPlaneServer:
                 self.bytes_received += size
                 segment.chunks += 1
                 segment.bytes += size
+            except _PeerGone:
+                raise
             except IosvcError as exc:
                 segment.failure = exc
+            except Exception as exc:  # e.g. a raw OSError of the store: told in the reply
+                log.exception("internal error storing a chunk", exc_info=exc)
+                segment.failure = InternalError(f"internal server error: {exc}")
         if not received:
-            await self._drain(loop, conn, size)
+            await self._drain(conn, size)
 
-    async def _drain(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, size: int) -> None:
+    async def _drain(self, conn: socket.socket, size: int) -> None:
         scratch = memoryview(bytearray(min(size, 1 << 20)))
-        async with asyncio.timeout(self.request_timeout):
-            while size:
-                part = scratch[: min(size, len(scratch))]
-                await dataplane.recv_exact(loop, conn, part)
-                size -= len(part)
-
-    async def _answer(
-        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, header: dict[str, Any]
-    ) -> None:
-        try:
-            if header.get("op") != "read":
-                raise InvalidArgument(f"unknown data-port operation {header.get('op')!r}")
-            async for reply, payload in self.service.read_stream(header):
-                reply["n"] = len(payload)
-                await dataplane.send_frame(loop, conn, dataplane.frame(reply), payload)
-                self.bytes_sent += len(payload)
-        except IosvcError as exc:
-            await dataplane.send_frame(loop, conn, dataplane.error_frame(exc))
-            return
-        except (OSError, TimeoutError):
-            raise
-        except Exception as exc:
-            log.exception("internal error on the data port", exc_info=exc)
-            error = InternalError(f"internal server error: {type(exc).__name__}: {exc}")
-            await dataplane.send_frame(loop, conn, dataplane.error_frame(error))
-            return
-        await dataplane.send_frame(loop, conn, dataplane.frame({"end": True, "n": 0}))
+        while size:
+            part = scratch[: min(size, len(scratch))]
+            await self._recv_exact(conn, part)
+            size -= len(part)
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-        for task in list(self._tasks):
+        for task in list(self._tasks):  # the accept loop first: no new connection meanwhile
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
 
 
 class _Segment:

@@ -63,7 +63,7 @@ class ServerOptions:
     pull_roots: tuple[str, ...] = ()
     #: seconds between exchanges of per-job service with the peers (cluster-wide policies)
     fairness_interval: float = 0.1
-    #: port of the data plane for bulk reads (0: any free port; None: off; off with TLS)
+    #: port of the data plane for bulk transfers (0: any free port; None: off; off with TLS)
     data_port: int | None = 0
 
     def __post_init__(self) -> None:
@@ -126,7 +126,12 @@ async def start_server(options: ServerOptions) -> tuple[grpc.aio.Server, IoServi
         # Bulk reads over plain TCP; with TLS they stay on gRPC, which encrypts them.
         service.data_plane = DataPlaneServer(service, options.stream_idle_timeout)
         await service.data_plane.start(options.host, options.data_port)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        if service.data_plane is not None:
+            await service.data_plane.close()
+        raise
     return server, service, port
 
 

@@ -12,8 +12,9 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -154,9 +155,12 @@ class IoService:
         self.gc_ttl = gc_ttl
         self.drop_grace = drop_grace
         self.metrics_port: int | None = None
-        #: the data port serving bulk reads beside gRPC, if started (``iosvc.server._main``)
+        #: the data port serving bulk transfers beside gRPC, if started (``iosvc.server._main``)
         self.data_plane: Any = None
         self.started = time.time()
+        #: this process's identity for data-port clients: a port number a restarted server
+        #: left may be bound by another process since (see ``endpoints`` and ``hello``)
+        self.instance = uuid.uuid4().hex
         # Cluster-wide fairness: each peer's cumulative service per job at the last exchange,
         # and this server's own total then (its service per interval sizes the horizon).
         self._peer_served: dict[int, dict[JobIdentity, tuple[int, int]]] = {}
@@ -279,7 +283,7 @@ class IoService:
 
     async def read_stream(
         self, header: dict[str, Any]
-    ) -> AsyncIterator[tuple[dict[str, Any], bytes | bytearray | memoryview]]:
+    ) -> AsyncGenerator[tuple[dict[str, Any], bytes | bytearray | memoryview], None]:
         """Serve a read request (gRPC ``ReadChunks`` or the data port alike).
 
         Yields ``(reply header, payload)`` per chunk piece, in the order the scheduler
@@ -694,9 +698,10 @@ class IoService:
     async def _op_endpoints(
         self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
-        """Where else this server listens: the data port for bulk reads (None: off)."""
+        """Where else this server listens: the data port for bulk transfers (None: off),
+        and this process's instance id, which data connections name in their ``hello``."""
         port = self.data_plane.port if self.data_plane is not None else None
-        return {"data_port": port}, None
+        return {"data_port": port, "instance": self.instance}, None
 
     async def _op_configure(
         self, header: dict[str, Any], payload: memoryview, who: Caller
