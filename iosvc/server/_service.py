@@ -394,10 +394,12 @@ class IoService:
         """Store one chunk a writer sends (gRPC ``WriteChunks`` or the data port alike).
 
         ``header`` names the chunk (``key``), its xxh3-64 (``ck``) and the caller; ``fill``
-        puts its ``size`` bytes into the buffer it is given. The bytes are taken only once
-        the in-flight budget has room for them (back-pressure on the sender), then admitted
-        by the scheduler, verified, and stored with their checksum trailer, with no copy
-        beyond the one ``fill`` makes.
+        puts its ``size`` bytes into the buffer it is given. As on a gRPC stream, the bytes
+        are taken in first, then the chunk waits for room in the in-flight budget (while it
+        waits, its sender sends nothing more: back-pressure) and for the scheduler, is
+        verified, and is stored with its checksum trailer, with no copy beyond the one
+        ``fill`` makes. Taking the budget only once the bytes are here means a sender that
+        stalls mid-chunk holds its own buffer, not a share of everyone's budget.
         """
         self._require_configured()
         identity = self.auth.caller(header).identity
@@ -408,16 +410,15 @@ class IoService:
             raise InvalidArgument("a written chunk needs its xxh3-64 checksum 'ck'")
         if not 0 <= size <= wire.MAX_CHUNK_SIZE:
             raise InvalidArgument(f"chunk of {size} bytes over the limit")
-        async with self.budget.hold(size):
-            value = bytearray(size + _CK)
-            data = memoryview(value)[:size]
-            await fill(data)
-            async with self.gate.admit(identity, size):
-                if xxhash.xxh3_64_intdigest(data) != checksum:
-                    raise DataCorruption(f"chunk {key} arrived corrupt (checksum mismatch)")
-                value[size:] = checksum.to_bytes(_CK, "little")
-                data.release()
-                await self._store_chunk(home, uid, key, value)
+        value = bytearray(size + _CK)
+        data = memoryview(value)[:size]
+        await fill(data)
+        async with self.budget.hold(size), self.gate.admit(identity, size):
+            if xxhash.xxh3_64_intdigest(data) != checksum:
+                raise DataCorruption(f"chunk {key} arrived corrupt (checksum mismatch)")
+            value[size:] = checksum.to_bytes(_CK, "little")
+            data.release()
+            await self._store_chunk(home, uid, key, value)
 
     async def _put_chunk(
         self, home: int, uid: str, key: str, payload: memoryview | bytes, checksum: int
