@@ -256,3 +256,40 @@ def test_kill_during_writes_keeps_every_committed_file(tmp_path: os.PathLike[str
             assert path in failed
             client.read(path)  # commit reached the home before the error: whole, verified
         assert client.read_many(list(committed)) == list(committed.values())
+
+
+@pytest.mark.parametrize("data_plane", ["1", "0"], ids=["data-port", "grpc"])
+def test_a_writer_rides_out_a_server_restart_without_losing_a_chunk(
+    tmp_path: os.PathLike[str], data_plane: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server of an open writer restarts between two of its chunks: the writer's stream
+    retries, and every chunk, sent before or after, is in the committed file.
+
+    Regression: a failed gRPC WriteChunks call left its request reader waiting on the
+    writer's queue; the next chunk went to that dead call, the retry never sent it, and the
+    file was committed with a chunk missing.
+    """
+    monkeypatch.setenv("IOSVC_DATA_PLANE", data_plane)
+    data_dir = os.path.join(tmp_path, "data")
+    with LocalCluster(2, directory=data_dir, workdir=os.path.join(tmp_path, "w")) as cluster:
+        assert cluster.spec is not None
+        spec = cluster.spec
+        chunk = 256 * 1024
+        blocks = [os.urandom(chunk) for _ in range(12)]
+
+        async def go() -> bytes:
+            async with AsyncClient(spec, chunk_size=chunk, timeout=30) as client:
+                writer = client.open_writer("restarted/f")
+                for block in blocks[:4]:  # two chunks to each server, segments left open
+                    await writer.write(block)
+                await asyncio.sleep(0.3)
+                cluster.kill(1, signal.SIGKILL)
+                await asyncio.sleep(0.3)  # the stream to server 1 fails and retries
+                await asyncio.to_thread(cluster.restart, 1)
+                await asyncio.sleep(1.5)  # the stream's retry reconnects and waits for chunks
+                for block in blocks[4:]:
+                    await writer.write(block)
+                await writer.close()
+                return await client.read("restarted/f")
+
+        assert asyncio.run(go()) == b"".join(blocks)
