@@ -290,7 +290,10 @@ def test_a_corrupt_payload_is_caught_and_the_connection_dropped(
         st.builds(  # a well-framed header of random msgpack
             lambda obj: dataplane.frame(obj) if isinstance(obj, dict) else msgpack.packb(obj),
             st.recursive(
-                st.none() | st.integers() | st.text(max_size=8) | st.binary(max_size=8),
+                st.none()
+                | st.integers(-(2**63), 2**64 - 1)
+                | st.text(max_size=8)
+                | st.binary(max_size=8),
                 lambda inner: (
                     st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=6), inner, max_size=4)
