@@ -433,3 +433,22 @@ def test_hello_names_the_server_instance_a_client_asked_for(raw: Raw, spec: Clus
     assert reply["error"] == "Unavailable" and "restarted" in reply["msg"]
     assert other.closed()
     other.close()
+
+
+def test_chunks_of_a_dropped_version_are_refused(raw: Raw, spec: ClusterSpec) -> None:
+    """An aborted writer's chunk still on its way (received on a data connection after the
+    abort's drop went over gRPC) is refused, not stored as an orphan."""
+    uid = uuid.uuid4().hex
+
+    async def drop() -> None:
+        async with AsyncClient(spec) as ac:
+            await ac.call(0, {"op": "drop", "uids": [uid]})
+
+    asyncio.run(drop())
+    key = f"c/0/{uid}/0"
+    raw.send(_chunk_frame(key, os.urandom(4096)))
+    raw.request({"op": "flush"})
+    reply, _ = raw.reply()
+    assert reply["chunks"] == 0 and reply["failed"][0] == "Cancelled", reply
+    raw.request({"op": "read", "id": ID, "chunks": [[key, 0, 4096, True]]})
+    assert raw.reply()[0]["error"] == "NotFound"  # nothing was stored

@@ -24,6 +24,7 @@ import xxhash
 from iosvc import wire
 from iosvc.errors import (
     AlreadyExists,
+    Cancelled,
     DataCorruption,
     DeadlineExceeded,
     InternalError,
@@ -167,6 +168,9 @@ class IoService:
         self._own_served = 0
         # Versions held here: uid -> (home, first-seen time, chunk keys, last confirmed live).
         self._versions: dict[str, _Version] = {}
+        # Versions dropped (aborted writers, freed versions) -> when: their late chunks are
+        # refused, not stored as orphans for the garbage collector to find.
+        self._dropped: dict[str, float] = {}
         self._peer_channels: dict[int, grpc.aio.Channel] = {}
         self._background: set[asyncio.Task[Any]] = set()
         if index is not None and peers is not None:
@@ -429,6 +433,10 @@ class IoService:
 
     async def _store_chunk(self, home: int, uid: str, key: str, value: bytes | bytearray) -> None:
         """Store a chunk value (bytes + xxh3-64 trailer) of version ``uid``."""
+        if uid in self._dropped:
+            # Its writer aborted (or the version was freed) while this chunk was on its way,
+            # e.g. received on a data connection before the abort's drop arrived over gRPC.
+            raise Cancelled(f"version {uid} was dropped; chunk {key} not stored")
         if uid in self._versions and await self.store.exists(key):
             # Chunks are write-once: a retry may resend the same bytes, but nobody may swap
             # the contents of a chunk a committed file (say, a published dataset) points at.
@@ -889,9 +897,14 @@ class IoService:
     ) -> tuple[dict[str, Any], Any]:
         uids = _list_arg(header, "uids")
         freed = 0
+        now = time.monotonic()
         for uid in uids:
             if isinstance(uid, str) and not self.namespace.is_live(uid):
+                self._dropped[uid] = now
                 freed += await self._delete_version(uid)
+        # Forget tombstones once no chunk of theirs can still be on its way.
+        for uid in [u for u, t in self._dropped.items() if now - t > self.gc_ttl]:
+            del self._dropped[uid]
         return {"freed": freed}, None
 
     async def _delete_version(self, uid: str) -> int:
