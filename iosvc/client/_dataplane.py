@@ -154,6 +154,31 @@ def _close_all(idle: dict[int, list[int]]) -> None:
         fds.clear()
 
 
+class _Lease:
+    """One request's use of a pooled connection.
+
+    On exit the connection goes back to the pool if the request set ``clean`` (its stream
+    ended where the protocol says), else it is closed, since its byte stream may be
+    mid-frame. A socket's own ``OSError`` becomes a :class:`~iosvc.dataplane.FrameError`
+    (retried by the client like a cut connection); iosvc errors pass as they are.
+    """
+
+    def __init__(self, connections: DataConnections, server: int, sock: socket.socket) -> None:
+        self.connections, self.server, self.sock = connections, server, sock
+        self.clean = False
+
+    def __enter__(self) -> _Lease:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if self.clean:
+            self.connections.release(self.server, self.sock)
+        else:
+            self.sock.close()
+        if isinstance(exc, OSError) and not isinstance(exc, IosvcError | dataplane.FrameError):
+            raise dataplane.FrameError(f"data connection failed: {exc}") from exc
+
+
 async def read_frames(
     connections: DataConnections,
     server: int,
@@ -171,8 +196,7 @@ async def read_frames(
     a cancelled read) closes it, since its byte stream may be mid-frame.
     """
     loop = asyncio.get_running_loop()
-    clean = False
-    try:
+    with _Lease(connections, server, sock) as lease:
         await loop.sock_sendall(sock, dataplane.frame({**request, "op": "read"}))
         while True:
             header = await dataplane.recv_header(loop, sock)
@@ -180,7 +204,7 @@ async def read_frames(
             if not isinstance(size, int) or not 0 <= size <= dataplane.MAX_PAYLOAD:
                 raise DataCorruption(f"data port sent a payload length of {size!r}")
             if "error" in header or header.get("end"):
-                clean = size == 0
+                lease.clean = size == 0
                 if "error" in header:
                     raise dataplane.error_from_frame(
                         header, f"server {connections.servers[server]}"
@@ -195,15 +219,6 @@ async def read_frames(
             assert view is not None
             await dataplane.recv_exact(loop, sock, view)
             yield header, view, direct
-    except OSError as exc:
-        if isinstance(exc, IosvcError | dataplane.FrameError):
-            raise
-        raise dataplane.FrameError(f"data connection failed: {exc}") from exc
-    finally:
-        if clean:
-            connections.release(server, sock)
-        else:
-            sock.close()
 
 
 async def write_segment(
@@ -217,26 +232,16 @@ async def write_segment(
     refused). The payloads are sent without a copy. The connection goes back to the pool
     only after a reply, as in :func:`read_frames`."""
     loop = asyncio.get_running_loop()
-    clean = False
-    try:
+    with _Lease(connections, server, sock) as lease:
         for_server = connections.servers[server]
         async for header, payload in chunks:
             head = dataplane.frame({**header, "op": "write", "n": len(payload)})
             await dataplane.send_frame(loop, sock, head, payload)
         await loop.sock_sendall(sock, dataplane.frame({"op": "flush"}))
         reply = await dataplane.recv_header(loop, sock)
-        clean = reply.get("n", 0) == 0 and ("error" in reply or bool(reply.get("end")))
+        lease.clean = reply.get("n", 0) == 0 and ("error" in reply or bool(reply.get("end")))
         if "error" in reply:
             raise dataplane.error_from_frame(reply, f"server {for_server}")
         if not reply.get("end"):
             raise InvalidArgument(f"server {for_server} answered a write with {reply!r}")
         return reply
-    except OSError as exc:
-        if isinstance(exc, IosvcError | dataplane.FrameError):
-            raise
-        raise dataplane.FrameError(f"data connection failed: {exc}") from exc
-    finally:
-        if clean:
-            connections.release(server, sock)
-        else:
-            sock.close()
