@@ -15,6 +15,8 @@ Systems: ``iosvc-local`` (dataloaders.StreamingDataset on local disk), ``iosvc-r
 same shards on a 2-server iosvc cluster started here, DRAM store: every byte over the servers'
 data ports, see ``iosvc/dataplane.py``), ``iosvc-remote-grpc`` (the same servers with
 ``IOSVC_DATA_PLANE=0``: every byte through gRPC, as before the data plane),
+``iosvc-remote-private`` (the data port, shards received into private memory instead of
+reused slot files under /dev/shm, see ``dataloaders/_slots.py``: as before those),
 ``iosvc-remote-dir`` (the same on 2 servers with a ``--dir`` store on tmpfs, DRAM: the
 client reads the chunk files in place, as it does from any server on its own host),
 ``files`` (one file per sample, map-style Dataset), ``webdataset`` (tar shards),
@@ -63,13 +65,14 @@ SYSTEMS = [
     "iosvc-local",
     "iosvc-remote",
     "iosvc-remote-grpc",
+    "iosvc-remote-private",
     "iosvc-remote-dir",
     "files",
     "webdataset",
     "mosaicml-streaming",
     "litdata",
 ]
-REMOTE = {"iosvc-remote", "iosvc-remote-grpc", "iosvc-remote-dir"}
+REMOTE = {"iosvc-remote", "iosvc-remote-grpc", "iosvc-remote-private", "iosvc-remote-dir"}
 PEERS = {"mosaicml-streaming", "litdata"}  # run in the peer venv
 DATASETS = ["images", "arrays"]
 BATCH = 256
@@ -217,6 +220,7 @@ WRITERS: dict[str, Callable[[str, int, str], int]] = {
     "iosvc-local": write_ours,
     "iosvc-remote": write_ours,
     "iosvc-remote-grpc": write_ours,
+    "iosvc-remote-private": write_ours,
     "iosvc-remote-dir": write_ours,
     "files": write_files,
     "webdataset": write_webdataset,
@@ -351,6 +355,7 @@ def read_epoch(
         "iosvc-local": "dataloaders",
         "iosvc-remote": "dataloaders",
         "iosvc-remote-grpc": "dataloaders",
+        "iosvc-remote-private": "dataloaders",
         "iosvc-remote-dir": "dataloaders",
         "webdataset": "webdataset",
         "mosaicml-streaming": "streaming",
@@ -503,6 +508,13 @@ def main() -> None:
         env_dir = {**env, "IOSVC_CLUSTER": str(work / "cluster-dir.json")}
         # The same servers, every read through gRPC instead of the data port (iosvc.dataplane)
         env_grpc = {**env, "IOSVC_DATA_PLANE": "0"}
+        # Remote readers receive shards into slot files under /dev/shm (dataloaders._slots),
+        # a directory of this run's own; iosvc-remote-private into private memory instead.
+        slot_dir = tempfile.mkdtemp(prefix="bench-dataloader-slots-", dir=shm)
+        cleanup.callback(shutil.rmtree, slot_dir, True)
+        for e in (env, env_dir, env_grpc):
+            e["DATALOADERS_BUFFER_DIR"] = os.path.join(slot_dir, "slots")
+        env_private = {**env, "DATALOADERS_BUFFER_DIR": ""}
         for dataset in args.datasets:
             n = n_by_dataset[dataset]
             results[dataset] = {}
@@ -530,9 +542,11 @@ def main() -> None:
                     if system in REMOTE
                     else str(work / dataset / system)
                 )
-                env_of = {"iosvc-remote-dir": env_dir, "iosvc-remote-grpc": env_grpc}.get(
-                    system, env
-                )
+                env_of = {
+                    "iosvc-remote-dir": env_dir,
+                    "iosvc-remote-grpc": env_grpc,
+                    "iosvc-remote-private": env_private,
+                }.get(system, env)
                 try:
                     t = time.perf_counter()
                     written = _run_child(

@@ -29,6 +29,7 @@ from dataloaders._errors import ShardCorrupted, ShardNotFound
 from dataloaders._formats import DecodedShard, get_format
 from dataloaders._fs import join
 from dataloaders._manifest import Manifest, ShardEntry
+from dataloaders._slots import SlotDirectory
 
 __all__ = ["BufferPool", "ShardFetcher", "ShardPrefetcher"]
 
@@ -58,13 +59,16 @@ class BufferPool:
 
     A fresh 64 MiB buffer per shard costs 16k page faults to fill (a large part of a remote
     read's CPU in a VM); a buffer reused from a shard the reader is done with costs none.
+    With ``slots``, new buffers are slot files that stay resident after this process (see
+    :mod:`dataloaders._slots`), so the next epoch's or run's readers do not fault them in.
     A buffer is free when nothing but the pool refers to it: a decoded shard (and every
     memoryview, numpy or Arrow view of its bytes) holds a reference until it is gone, so a
     buffer is never overwritten while something can still read it.
     """
 
-    def __init__(self, keep: int = 4) -> None:
+    def __init__(self, keep: int = 4, slots: SlotDirectory | None = None) -> None:
         self.keep = keep
+        self.slots = slots  # new buffers are claimed here first (resident across processes)
         self.reused = 0  # buffers handed out again (a statistic)
         self._buffers: list[mmap.mmap] = []
         self._lock = threading.Lock()
@@ -82,7 +86,8 @@ class BufferPool:
                     self.reused += 1
                     return buf
             # Room for the slightly larger shards that follow (sizes vary by a few %).
-            buf = _fresh_buffer(-(-(size + size // 16) // _ROUND) * _ROUND)
+            length = -(-(size + size // 16) // _ROUND) * _ROUND
+            buf = (self.slots.claim(length) if self.slots else None) or _fresh_buffer(length)
             if len(self._buffers) < self.keep:
                 self._buffers.append(buf)
             else:  # replace a free buffer of the wrong size, if any

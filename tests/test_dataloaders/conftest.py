@@ -53,3 +53,24 @@ def small_dataset(local_url: str) -> str:
     """300 samples in ~12 raw shards on local disk."""
     dataloaders.write_shards(make_samples(300), local_url, shard_bytes=32 << 10)
     return local_url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def buffer_dir() -> Iterator[str]:
+    """Remote readers' slot files (dataloaders._slots) in a directory of this test process,
+    removed at the end, instead of the user's ``/dev/shm/dataloaders-<uid>``."""
+    import os
+    import shutil
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    top = tempfile.mkdtemp(prefix="dataloaders-test-", dir=base)
+    path = os.path.join(top, "slots")
+    old = os.environ.get("DATALOADERS_BUFFER_DIR")
+    os.environ["DATALOADERS_BUFFER_DIR"] = path
+    yield path
+    if old is None:
+        del os.environ["DATALOADERS_BUFFER_DIR"]
+    else:
+        os.environ["DATALOADERS_BUFFER_DIR"] = old
+    shutil.rmtree(top, ignore_errors=True)

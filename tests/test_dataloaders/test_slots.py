@@ -1,0 +1,209 @@
+"""Slot files: read buffers that stay resident across reader processes (dataloaders._slots)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import dataloaders._cache
+from dataloaders import DataLoader, StreamingDataset, write_shards
+from dataloaders._cache import BufferPool
+from dataloaders._slots import SlotDirectory, default_slot_dir
+
+MiB = 1 << 20
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def slot_path(tmp_path: Path) -> str:
+    return str(tmp_path / "slots")
+
+
+def _slots(path: str) -> list[str]:
+    return sorted(name for name in os.listdir(path) if name.startswith("slot-"))
+
+
+def test_a_released_slot_is_claimed_again_and_a_held_one_is_not(slot_path: str) -> None:
+    slots = SlotDirectory(slot_path, budget=64 * MiB)
+    a = slots.claim(4 * MiB)
+    b = slots.claim(4 * MiB)
+    assert a is not None and b is not None and len(a) == len(b) == 4 * MiB
+    assert _slots(slot_path) == ["slot-0", "slot-1"]  # a is held: b got its own file
+    a[:5] = b"hello"
+    a.close()  # released
+    c = slots.claim(3 * MiB)
+    assert c is not None and c[:5] == b"hello"  # the same pages, nothing new created
+    assert _slots(slot_path) == ["slot-0", "slot-1"]
+    assert (os.stat(slot_path).st_mode & 0o777) == 0o700
+    del b, c
+
+
+def test_a_slot_grows_and_too_large_slots_are_left_for_others(slot_path: str) -> None:
+    slots = SlotDirectory(slot_path, budget=64 * MiB)
+    small = slots.claim(1 * MiB)
+    assert small is not None
+    small.close()
+    grown = slots.claim(2 * MiB)  # the free 1 MiB slot grows instead of a new file
+    assert grown is not None and len(grown) == 2 * MiB and _slots(slot_path) == ["slot-0"]
+    grown.close()
+    tiny = slots.claim(64 << 10)  # slot-0 is over twice that: a new slot
+    assert tiny is not None and len(tiny) == 64 << 10
+    assert _slots(slot_path) == ["slot-0", "slot-1"]
+
+
+def test_over_budget_claims_are_refused_and_the_pool_uses_private_memory(
+    slot_path: str,
+) -> None:
+    slots = SlotDirectory(slot_path, budget=8 * MiB)
+    held = slots.claim(6 * MiB)
+    assert held is not None
+    assert slots.claim(4 * MiB) is None  # 6 + 4 > 8
+    pool = BufferPool(keep=2, slots=slots)
+    buf = pool.get(4 * MiB)
+    assert len(buf) >= 4 * MiB  # private memory instead
+    assert _slots(slot_path) == ["slot-0"]
+    del held
+    gc.collect()
+    buf2 = pool.get(4 * MiB)  # slot-0 is free again and large enough (<= 2x)
+    assert _slots(slot_path) == ["slot-0"] and buf2 is not buf
+
+
+def test_a_slot_held_by_another_process_is_skipped_and_freed_when_it_is_killed(
+    slot_path: str,
+) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                from dataloaders._slots import SlotDirectory
+                buf = SlotDirectory({slot_path!r}, budget=1 << 30).claim(1 << 20)
+                print(len(buf), flush=True)
+                time.sleep(600)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == str(1 << 20)
+        slots = SlotDirectory(slot_path, budget=1 << 30)
+        mine = slots.claim(1 << 20)
+        assert mine is not None and _slots(slot_path) == ["slot-0", "slot-1"]
+        mine.close()
+        holder.kill()  # no clean-up of its own: the kernel drops its lock
+        holder.wait(10)
+        first, second = slots.claim(1 << 20), slots.claim(1 << 20)
+        assert first is not None and second is not None
+        assert _slots(slot_path) == ["slot-0", "slot-1"]  # both reused, none created
+    finally:
+        holder.kill()
+        holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+def test_idle_slots_are_deleted_but_claimed_ones_are_kept(slot_path: str) -> None:
+    slots = SlotDirectory(slot_path, budget=64 * MiB, idle=60)
+    held = slots.claim(MiB)
+    idle = slots.claim(MiB)
+    assert held is not None and idle is not None
+    idle.close()
+    old = time.time() - 3600
+    for name in _slots(slot_path):
+        os.utime(os.path.join(slot_path, name), (old, old))
+    fresh = slots.claim(4 * MiB)  # the scan removes slot-1 (idle, unclaimed), not slot-0
+    assert fresh is not None
+    assert "slot-0" in _slots(slot_path) and len(_slots(slot_path)) == 2
+    assert held[:1] is not None
+
+
+def test_a_directory_that_is_not_private_or_a_symlinked_slot_is_never_used(
+    tmp_path: Path,
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    assert SlotDirectory(str(shared), budget=64 * MiB).claim(MiB) is None
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    target = tmp_path / "elsewhere"
+    target.write_bytes(bytes(2 * MiB))
+    (private / "slot-0").symlink_to(target)
+    buf = SlotDirectory(str(private), budget=64 * MiB).claim(MiB)
+    assert buf is not None
+    buf[:4] = b"data"
+    assert target.read_bytes()[:4] == bytes(4)  # the link's target was not written
+    assert _slots(str(private)) == ["slot-0", "slot-1"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[str]:
+    """A 4 MiB tmpfs: a file system that really fills up."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield str(mount / "slots")
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_file_system_refuses_the_claim_instead_of_a_sigbus(small_tmpfs: str) -> None:
+    slots = SlotDirectory(small_tmpfs, budget=1 << 30)  # the budget allows it; the disk not
+    first = slots.claim(3 * MiB)
+    assert first is not None
+    first[:] = b"x" * len(first)  # reserved: writable end to end
+    assert slots.claim(3 * MiB) is None  # no room: refused, and no half-made file left
+    assert _slots(small_tmpfs) == ["slot-0"]
+    pool = BufferPool(keep=2, slots=slots)
+    buf = pool.get(3 * MiB)  # private memory, writable
+    buf[-1:] = b"y"
+
+
+def test_default_directory_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATALOADERS_BUFFER_DIR", "")
+    assert default_slot_dir() is None
+    monkeypatch.setenv("DATALOADERS_BUFFER_DIR", "/somewhere")
+    assert default_slot_dir() == "/somewhere"
+    monkeypatch.delenv("DATALOADERS_BUFFER_DIR")
+    assert default_slot_dir() in (f"/dev/shm/dataloaders-{os.getuid()}", None)
+
+
+def test_remote_epochs_in_fresh_worker_processes_reuse_the_same_slots(
+    iosvc_url: str, slot_path: str
+) -> None:
+    # Shard files over POOLED_MIN (what the workers, started afresh, read into buffers).
+    samples = [{"image": os.urandom(12 << 10), "label": i % 10, "id": i} for i in range(400)]
+    write_shards(samples, iosvc_url, shard_bytes=dataloaders._cache.POOLED_MIN + (200 << 10))
+    ds = StreamingDataset(iosvc_url, seed=3, buffer_dir=slot_path, prefetch=1)
+    loader = DataLoader(ds, batch_size=16, num_workers=2)  # new worker processes each epoch
+    made: list[list[str]] = []
+    for _ in range(2):
+        got = 0
+        for batch in loader:
+            for i, image in zip(batch["id"].tolist(), batch["image"], strict=True):
+                assert image == samples[i]["image"]
+                got += 1
+        assert got == 400
+        made.append(_slots(slot_path))
+    assert made[0], "no slot was used"
+    assert made[1] == made[0]  # the second epoch's workers claimed the first's slots
