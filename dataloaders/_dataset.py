@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
+from dataloaders._arena import BatchArena, batch_bytes
 from dataloaders._cache import BufferPool, ShardFetcher, ShardPrefetcher
 from dataloaders._errors import ManifestError, ShardNotFound
 from dataloaders._formats import DecodedShard
@@ -152,6 +154,19 @@ def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor:
     return empty.new(storage).resize_(*shape)
 
 
+_NUMERIC = ("array", "int", "float")
+
+
+def _column_dtype(spec: Any) -> np.dtype[Any]:
+    """The batch column dtype of a numeric field (as default_collate makes it)."""
+    if spec.kind == "int":
+        return np.dtype(np.int64)
+    if spec.kind == "float":
+        return np.dtype(np.float64)
+    dtype: np.dtype[Any] = spec.np_dtype
+    return dtype
+
+
 def _blosc_single_threaded() -> None:
     # Blosc's own threads would fight the DataLoader's worker processes for the cores.
     import numcodecs.blosc
@@ -274,6 +289,8 @@ class StreamingDataset(IterableDataset[Sample]):
         self._in_epoch = False
         self._collated_batches = 0  # >0: yield collated batches of this size (DataLoader)
         self._drop_last = False
+        self._batch_arenas = False  # numeric batch fields in a BatchArena (DataLoader workers)
+        self._arena: tuple[int, BatchArena | None] | None = None  # (pid, arena)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -390,31 +407,40 @@ class StreamingDataset(IterableDataset[Sample]):
             group[2].append(j)
         n = len(refs)
         out: dict[str, Any] = {}
-        # Array fields are decoded straight into their rows of the batch tensor, which in a
-        # worker is allocated in shared memory (as default_collate does): no per-shard
+        # Numeric fields are decoded (arrays) or written straight into their batch columns:
+        # in a worker, a slot of its batch arena (dataloaders._arena: memory reused batch
+        # after batch), else shared memory as default_collate allocates it. No per-shard
         # arrays to copy from, and no copy into shared memory when the batch is sent.
-        arrays = [spec for spec in fields if spec.kind == "array"]
-        for spec in arrays:
-            column = _batch_tensor((n, *(spec.shape or ())), spec.np_dtype)
-            rows = column.numpy()
-            for shard, positions, js in groups.values():
-                shard.take_into(js, spec, rows, positions)
-            out[spec.name] = column
+        numeric = [spec for spec in fields if spec.kind in _NUMERIC]
+        shapes = [((n, *(spec.shape or ())), _column_dtype(spec)) for spec in numeric]
+        slot = self._arena_batch(shapes)
+        columns: dict[str, np.ndarray] = {}
+        for spec, (shape, dtype) in zip(numeric, shapes, strict=True):
+            if slot is not None:
+                columns[spec.name], out[spec.name] = slot.array(shape, dtype)
+            else:
+                out[spec.name] = _batch_tensor(shape, dtype)
+                columns[spec.name] = out[spec.name].numpy()
+        for spec in numeric:
+            if spec.kind == "array":
+                rows = columns[spec.name]
+                for shard, positions, js in groups.values():
+                    shard.take_into(js, spec, rows, positions)
         others = [spec for spec in fields if spec.kind != "array"]
         parts = [
             (positions, shard.take(js, others) if others else {})
             for shard, positions, js in groups.values()
         ]
         for spec in others:
-            values: list[Any] = [None] * n
+            column = columns.get(spec.name)
+            values: Any = column if column is not None else [None] * n
             for positions, taken in parts:
+                if column is not None:
+                    column[positions] = taken[spec.name]
+                    continue
                 for pos, value in zip(positions, taken[spec.name], strict=True):
                     values[pos] = value
-            if spec.kind == "int":
-                out[spec.name] = torch.tensor(values, dtype=torch.int64)
-            elif spec.kind == "float":
-                out[spec.name] = torch.tensor(values, dtype=torch.float64)
-            else:
+            if column is None:
                 out[spec.name] = values
         return {spec.name: out[spec.name] for spec in fields}  # in the manifest's order
 
@@ -458,6 +484,7 @@ class StreamingDataset(IterableDataset[Sample]):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_prepared"] = None  # threads and open shards stay in their process
+        state["_arena"] = None
         return state
 
     def _start_reading(self) -> _Reading:
@@ -496,10 +523,10 @@ class StreamingDataset(IterableDataset[Sample]):
         block = self._block()
         first_batch = int(np.count_nonzero(first_use < block))
         # Shards in use (about a shuffle window) + loading ahead: their buffers are reused.
-        buffer_dir = default_slot_dir() if self.buffer_dir == "auto" else self.buffer_dir
-        slots = SlotDirectory(buffer_dir, self.buffer_dir_bytes) if buffer_dir else None
         fetcher = self._source.fetcher(
-            self.verify, keep_buffers=int(self.shuffle_window) + 2 + self.prefetch, slots=slots
+            self.verify,
+            keep_buffers=int(self.shuffle_window) + 2 + self.prefetch,
+            slots=self._slots(),
         )
         shards = manifest.shards
         prefetcher = ShardPrefetcher(
@@ -519,6 +546,23 @@ class StreamingDataset(IterableDataset[Sample]):
             prefetcher,
             min(block, len(ids)),
         )
+
+    def _slots(self) -> SlotDirectory | None:
+        buffer_dir = default_slot_dir() if self.buffer_dir == "auto" else self.buffer_dir
+        return SlotDirectory(buffer_dir, self.buffer_dir_bytes) if buffer_dir else None
+
+    def _arena_batch(self, fields: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> Any:
+        """A slot of this worker's batch arena for a batch of ``fields``, or None (no arena:
+        not a DataLoader worker, arenas off, no slot directory or no free slot)."""
+        if not self._batch_arenas or not fields:
+            return None
+        pid = os.getpid()
+        if self._arena is None or self._arena[0] != pid:  # forked: not the parent's arena
+            slots = self._slots()
+            in_worker = torch.utils.data.get_worker_info() is not None
+            self._arena = (pid, BatchArena(slots) if slots and in_worker else None)
+        arena = self._arena[1]
+        return arena.batch(batch_bytes(fields)) if arena is not None else None
 
     def _reading_key(self) -> tuple[Any, ...]:
         return (self.epoch, self._resume_position, self.num_canonical, self.seed, self.shuffle)

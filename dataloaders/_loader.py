@@ -25,6 +25,8 @@ try:
 except ImportError:  # not on Windows
     fcntl = None  # type: ignore[assignment]
 
+from dataloaders._arena import open_batch
+from dataloaders._arena import supported as arena_supported
 from dataloaders._dataset import StreamingDataset
 from dataloaders._fs import is_local, protocol_of
 from dataloaders._world import World
@@ -135,6 +137,8 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
       worker's first full collection otherwise touched every page of a torch-sized heap:
       0.1-0.2 s and 40 MB per worker before its first batch on this project's 2-core VM;
     - widens the pipe that carries batches from the workers (see :func:`widen_result_pipe`);
+    - has workers put numeric batch fields in reusable slots of shared memory instead of a
+      fresh segment per batch (``dataloaders._arena``; not with ``pin_memory=True``);
     - has each worker plan its epoch and start loading its first shards as it starts
       (:meth:`StreamingDataset.prepare`, after your ``worker_init_fn`` if you pass one);
     - advances the dataset's epoch after each complete pass (persistent workers too), and
@@ -167,6 +171,9 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
             drop_last = bool(kwargs.pop("drop_last", False))
             dataset._collated_batches = batch_size
             dataset._drop_last = drop_last
+            # Numeric fields travel in the workers' batch arenas (reused memory), unless
+            # batches are pinned: the pin thread would see references, not tensors.
+            dataset._batch_arenas = arena_supported() and not kwargs.get("pin_memory", False)
             kwargs["collate_fn"] = _identity
             super().__init__(dataset, None, **kwargs)
             # As the user asked, so that len(loader) and loader.batch_size read as usual.
@@ -175,6 +182,7 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         else:
             if isinstance(dataset, StreamingDataset):
                 dataset._collated_batches = 0
+                dataset._batch_arenas = False
             super().__init__(dataset, batch_size, **kwargs)
         self._batches = 0
         self._running_epoch: int | None = None
@@ -238,7 +246,7 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
             widen_result_pipe(iterator)
         for batch in iterator:
             self._batches += 1
-            yield batch
+            yield open_batch(batch)
         self._running_epoch = None
         self._batches = 0
         ds._finish_epoch(epoch)

@@ -30,6 +30,7 @@ import time
 __all__ = ["SlotDirectory", "default_slot_dir"]
 
 _PREFIX = "slot-"
+_KINDS = (_PREFIX, "batch-")  # every kind of slot, for the budget and the idle clean-up
 IDLE_S = 600.0
 
 
@@ -55,10 +56,15 @@ class SlotDirectory:
         Bytes all slots in ``path`` may occupy together (default: 1/8 of its file system).
     idle
         Seconds after which a slot nobody claimed is deleted.
+    prefix
+        Names of this kind of slot (``slot-`` for shard buffers); the budget counts all kinds.
     """
 
-    def __init__(self, path: str, budget: int | None = None, idle: float = IDLE_S) -> None:
+    def __init__(
+        self, path: str, budget: int | None = None, idle: float = IDLE_S, prefix: str = _PREFIX
+    ) -> None:
         self.path = path
+        self.prefix = prefix  # kinds of slots in one directory: shard buffers, batch arenas
         self.idle = idle
         self._budget = budget
         self._usable: bool | None = None
@@ -86,19 +92,26 @@ class SlotDirectory:
         """A shared mapping of between ``size`` and ``2 * size`` bytes of a slot this process
         now holds, or None (no usable directory, over budget, or the file system is full).
         The slot is released when the mapping is closed or collected."""
+        claimed = self.claim_file(size)
+        return claimed[1] if claimed is not None else None
+
+    def claim_file(self, size: int) -> tuple[str, mmap.mmap] | None:
+        """:meth:`claim`, with the slot file's path."""
         if size <= 0 or not self._open_dir():
             return None
         now = time.time()
         slots: list[tuple[int, str, int]] = []  # (bytes, name, blocks in bytes)
+        used = 0  # by slots of every kind
         with contextlib.suppress(OSError), os.scandir(self.path) as entries:
             for entry in entries:
-                if entry.name.startswith(_PREFIX) and entry.is_file(follow_symlinks=False):
+                if entry.name.startswith(_KINDS) and entry.is_file(follow_symlinks=False):
                     with contextlib.suppress(OSError):
                         st = entry.stat(follow_symlinks=False)
                         if now - st.st_mtime > self.idle and self._remove_if_unclaimed(entry.name):
                             continue
-                        slots.append((st.st_size, entry.name, st.st_blocks * 512))
-        used = sum(blocks for _, _, blocks in slots)
+                        used += st.st_blocks * 512
+                        if entry.name.startswith(self.prefix):
+                            slots.append((st.st_size, entry.name, st.st_blocks * 512))
         # Best fit first: the smallest slot that holds `size`, then smaller ones to grow.
         fitting = sorted(s for s in slots if size <= s[0] <= 2 * size)
         smaller = sorted((s for s in slots if s[0] < size), reverse=True)
@@ -106,17 +119,18 @@ class SlotDirectory:
             grow = max(0, size - length)
             if grow and used + grow > self.budget:
                 continue
-            buf = self._take(os.path.join(self.path, name), size, create=False)
+            path = os.path.join(self.path, name)
+            buf = self._take(path, size, create=False)
             if buf is not None:
-                return buf
+                return path, buf
         if used + size > self.budget:
             return None
         for n in range(len(slots), len(slots) + 64):
-            path = os.path.join(self.path, f"{_PREFIX}{n}")
+            path = os.path.join(self.path, f"{self.prefix}{n}")
             if not os.path.lexists(path):
                 buf = self._take(path, size, create=True)
                 if buf is not None:
-                    return buf
+                    return path, buf
         return None
 
     def _take(self, path: str, size: int, *, create: bool) -> mmap.mmap | None:
