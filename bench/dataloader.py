@@ -15,8 +15,9 @@ Systems: ``iosvc-local`` (dataloaders.StreamingDataset on local disk), ``iosvc-r
 same shards on a 2-server iosvc cluster started here, DRAM store: every byte over the servers'
 data ports, see ``iosvc/dataplane.py``), ``iosvc-remote-grpc`` (the same servers with
 ``IOSVC_DATA_PLANE=0``: every byte through gRPC, as before the data plane),
-``iosvc-remote-private`` (the data port, shards received into private memory instead of
-reused slot files under /dev/shm, see ``dataloaders/_slots.py``: as before those),
+``iosvc-local-private`` and ``iosvc-remote-private`` (the same with ``buffer_dir=None``:
+shards received into private memory and batches in PyTorch's fresh shared memory, as
+before the slot files and batch arenas of ``dataloaders/_slots.py`` and ``_arena.py``),
 ``iosvc-remote-dir`` (the same on 2 servers with a ``--dir`` store on tmpfs, DRAM: the
 client reads the chunk files in place, as it does from any server on its own host),
 ``files`` (one file per sample, map-style Dataset), ``webdataset`` (tar shards),
@@ -63,6 +64,7 @@ import numpy as np
 
 SYSTEMS = [
     "iosvc-local",
+    "iosvc-local-private",
     "iosvc-remote",
     "iosvc-remote-grpc",
     "iosvc-remote-private",
@@ -218,6 +220,7 @@ def write_litdata(dataset: str, n: int, out: str) -> int:
 
 WRITERS: dict[str, Callable[[str, int, str], int]] = {
     "iosvc-local": write_ours,
+    "iosvc-local-private": write_ours,
     "iosvc-remote": write_ours,
     "iosvc-remote-grpc": write_ours,
     "iosvc-remote-private": write_ours,
@@ -277,7 +280,7 @@ def _litdata_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def make_loader(system: str, dataset: str, location: str) -> Any:
     import torch.utils.data
 
-    if system == "iosvc-local" or system in REMOTE:
+    if system.startswith("iosvc-"):
         import dataloaders
 
         ds = dataloaders.StreamingDataset(location, seed=0)
@@ -353,6 +356,7 @@ def read_epoch(
 
     modules = {
         "iosvc-local": "dataloaders",
+        "iosvc-local-private": "dataloaders",
         "iosvc-remote": "dataloaders",
         "iosvc-remote-grpc": "dataloaders",
         "iosvc-remote-private": "dataloaders",
@@ -508,8 +512,8 @@ def main() -> None:
         env_dir = {**env, "IOSVC_CLUSTER": str(work / "cluster-dir.json")}
         # The same servers, every read through gRPC instead of the data port (iosvc.dataplane)
         env_grpc = {**env, "IOSVC_DATA_PLANE": "0"}
-        # Remote readers receive shards into slot files under /dev/shm (dataloaders._slots),
-        # a directory of this run's own; iosvc-remote-private into private memory instead.
+        # Readers reuse memory in a tmpfs directory of this run's own (slot files for remote
+        # shards, batch arenas: dataloaders._slots, _arena); the *-private systems do not.
         slot_dir = tempfile.mkdtemp(prefix="bench-dataloader-slots-", dir=shm)
         cleanup.callback(shutil.rmtree, slot_dir, True)
         for e in (env, env_dir, env_grpc):
@@ -546,6 +550,7 @@ def main() -> None:
                     "iosvc-remote-dir": env_dir,
                     "iosvc-remote-grpc": env_grpc,
                     "iosvc-remote-private": env_private,
+                    "iosvc-local-private": env_private,
                 }.get(system, env)
                 try:
                     t = time.perf_counter()
@@ -640,7 +645,12 @@ def table(results: dict[str, dict[str, dict[str, Any]]], n_by_dataset: dict[str,
             row = _row(dataset, system, cell)
             if system == "iosvc-local" and best_peer and local:
                 row += f"  {local / best_peer:.2f}x best peer"
-            if system in REMOTE and local and cell.get("samples_per_s"):
+            if (
+                system != "iosvc-local"
+                and system.startswith("iosvc")
+                and local
+                and cell.get("samples_per_s")
+            ):
                 row += f"  {cell['samples_per_s'] / local:.2f}x iosvc-local"
             lines.append(row)
         raw = n_by_dataset[dataset] * (64 * 64 * 4 if dataset == "arrays" else 10 * 1024)

@@ -210,12 +210,14 @@ class StreamingDataset(IterableDataset[Sample]):
     io_threads
         Background loader threads per reader.
     buffer_dir
-        Where remote shards are received: files here are reused as read buffers by every
-        reader of this user on the node, and stay resident between epochs and runs, so
-        receiving a shard does not first fault in fresh memory (~3 CPU-s per GiB in VMs
-        that return freed memory to the host). ``"auto"``: ``$DATALOADERS_BUFFER_DIR`` if
-        set (empty: none), else ``/dev/shm/dataloaders-<uid>``; ``None`` for private
-        memory. Local files are mapped and never use it.
+        A tmpfs directory of reusable memory, shared by this user's readers on the node:
+        remote shards are received into its ``slot-N`` files, and
+        :class:`dataloaders.DataLoader` workers put numeric batch fields in its ``batch-N``
+        arenas. Both stay resident between epochs and runs, so no batch or shard first
+        faults in fresh memory (~3 CPU-s per GiB in VMs that return freed memory to the
+        host). ``"auto"``: ``$DATALOADERS_BUFFER_DIR`` if set (empty: none), else
+        ``/dev/shm/dataloaders-<uid>``; ``None`` for private memory. Local shard files are
+        mapped and never use it.
     buffer_dir_bytes
         Bytes ``buffer_dir`` may hold, for all readers of the node together (default 1/8
         of its file system); a reader past it uses private memory. Files nobody used for
