@@ -48,3 +48,13 @@ def corrupt(path: str | os.PathLike[str], offset: int = 10) -> None:
     data = bytearray(Path(path).read_bytes())
     data[offset] ^= 0xFF
     Path(path).write_bytes(bytes(data))
+
+
+def checked_images(loader: Any, samples: list[dict[str, Any]]) -> int:
+    """Samples in one epoch of ``loader``'s batches, each image checked against ``samples``."""
+    got = 0
+    for batch in loader:
+        for i, image in zip(batch["id"].tolist(), batch["image"], strict=True):
+            assert image == samples[i]["image"]
+            got += 1
+    return got

@@ -18,6 +18,8 @@ from dataloaders import DataLoader, StreamingDataset, write_shards
 from dataloaders._cache import BufferPool
 from dataloaders._slots import SlotDirectory, default_slot_dir
 
+from .helpers import checked_images
+
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -198,12 +200,7 @@ def test_remote_epochs_in_fresh_worker_processes_reuse_the_same_slots(
     loader = DataLoader(ds, batch_size=16, num_workers=2)  # new worker processes each epoch
     made: list[list[str]] = []
     for _ in range(2):
-        got = 0
-        for batch in loader:
-            for i, image in zip(batch["id"].tolist(), batch["image"], strict=True):
-                assert image == samples[i]["image"]
-                got += 1
-        assert got == 400
+        assert checked_images(loader, samples) == 400
         made.append(_slots(slot_path))
     assert made[0], "no slot was used"
     assert made[1] == made[0]  # the second epoch's workers claimed the first's slots

@@ -21,7 +21,7 @@ from dataloaders import DataLoader, ShardCorrupted, StreamingDataset, write_shar
 from dataloaders._cache import BufferPool
 from dataloaders._loader import widen_result_pipe
 
-from .helpers import ids_of, make_samples
+from .helpers import checked_images, ids_of, make_samples
 
 N = 300
 BATCH = 16
@@ -144,12 +144,7 @@ def test_reused_buffers_in_collated_batches_on_iosvc(iosvc_url: str, pooled: Non
     write_shards(samples, iosvc_url, shard_bytes=32 << 10)
     loader = DataLoader(StreamingDataset(iosvc_url, seed=2), batch_size=BATCH)
     for _ in range(2):
-        got = 0
-        for batch in loader:
-            for i, image in zip(batch["id"].tolist(), batch["image"], strict=True):
-                assert image == samples[i]["image"]
-                got += 1
-        assert got == N
+        assert checked_images(loader, samples) == N
 
 
 def test_corrupted_shard_on_iosvc_is_named(iosvc_url: str, pooled: None) -> None:
