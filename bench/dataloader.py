@@ -485,6 +485,7 @@ def main() -> None:
     if args.make_peer_venv:
         make_peer_venv(args.peer_python)
         return
+    from iosvc.client import Client
     from iosvc.server import LocalCluster
 
     load_start = os.getloadavg()  # other jobs on the 2 cores skew wall-clock rates
@@ -597,6 +598,10 @@ def main() -> None:
                 print(_row(dataset, system, cell), flush=True)
                 if system not in REMOTE:
                     shutil.rmtree(work / dataset / system, ignore_errors=True)
+                else:  # the DRAM stores hold one copy at a time (6 GiB for 4 copies of 2 GB)
+                    spec = on_disk.spec if system == "iosvc-remote-dir" else cluster.spec
+                    with Client(spec) as client:
+                        client.rm(f"bench/{dataset}/{system}", recursive=True)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     print()

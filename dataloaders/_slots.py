@@ -26,8 +26,9 @@ import fcntl
 import mmap
 import os
 import time
+from dataclasses import dataclass
 
-__all__ = ["SlotDirectory", "default_slot_dir"]
+__all__ = ["SlotDirectory", "SlotFile", "default_slot_dir"]
 
 _PREFIX = "slot-"
 _KINDS = (_PREFIX, "batch-")  # every kind of slot, for the budget and the idle clean-up
@@ -43,6 +44,16 @@ def default_slot_dir() -> str | None:
     if not (os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK)):
         return None
     return os.path.join(shm, f"dataloaders-{os.getuid()}")
+
+
+@dataclass(frozen=True, slots=True)
+class SlotFile:
+    """One file of a slot directory, as :meth:`SlotDirectory.files` lists it."""
+
+    name: str
+    bytes: int  # memory it holds
+    in_use: bool  # claimed by a reader now
+    last_used: float  # when it was last claimed (epoch seconds)
 
 
 class SlotDirectory:
@@ -157,6 +168,44 @@ class SlotDirectory:
                 return None  # taken by a bigger reader since the scan
             os.utime(fd)  # last claimed (for the idle clean-up)
             return mmap.mmap(fd, length)  # holds a duplicate of fd, and so the lock
+        finally:
+            os.close(fd)
+
+    def files(self) -> list[SlotFile]:
+        """The slot files of every kind in the directory (none if it does not exist)."""
+        out = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.path) as entries:
+            for entry in entries:
+                if not (entry.name.startswith(_KINDS) and entry.is_file(follow_symlinks=False)):
+                    continue
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    out.append(
+                        SlotFile(
+                            entry.name, st.st_blocks * 512, self._claimed(entry.name), st.st_mtime
+                        )
+                    )
+        return sorted(out, key=lambda f: f.name)
+
+    def clear(self) -> int:
+        """Delete every slot file no reader holds; the bytes freed. (A main process still
+        holding batches of a deleted arena keeps them: its mapping outlives the name.)"""
+        freed = 0
+        for f in self.files():
+            if not f.in_use and self._remove_if_unclaimed(f.name):
+                freed += f.bytes
+        return freed
+
+    def _claimed(self, name: str) -> bool:
+        try:
+            fd = os.open(os.path.join(self.path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: never blocks a claim long
+            return False
+        except OSError:
+            return True
         finally:
             os.close(fd)
 

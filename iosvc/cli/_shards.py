@@ -1,10 +1,13 @@
-"""``iosvc shards pack|info|verify``: training datasets as compressed shards (``dataloaders``).
+"""``iosvc shards pack|info|verify|buffers``: training datasets as compressed shards
+(``dataloaders``), and the reusable memory their readers keep on a node.
 
 Paths without a scheme are local; ``iosvc://…`` (or any fsspec URL) names the cluster.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -105,3 +108,45 @@ def verify(
         f"{url}: {len(manifest.shards)} shards, {manifest.samples:,} samples, all checksums match",
         highlight=False,
     )
+
+
+@shards_app.command("buffers")
+def buffers(
+    directory: Annotated[
+        str | None,
+        typer.Option(
+            "--dir",
+            help="The readers' buffer directory (default: $DATALOADERS_BUFFER_DIR, else "
+            "/dev/shm/dataloaders-<uid>).",
+        ),
+    ] = None,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Delete the files no reader holds now.")
+    ] = False,
+) -> None:
+    """Show (or --clear) the memory data loaders keep in tmpfs on this node: received
+    shards (slot-N) and batch arenas (batch-N), reused from one epoch and run to the next."""
+    from dataloaders._slots import SlotDirectory, default_slot_dir
+
+    path = directory or default_slot_dir()
+    if path is None:
+        console.print("no buffer directory here (no writable /dev/shm and none given)")
+        raise typer.Exit(1)
+    slots = SlotDirectory(path)
+    files = slots.files()
+    if clear:
+        freed = slots.clear()
+        kept = slots.files()
+        console.print(
+            f"{path}: freed {format_size(freed)}; {len(kept)} files in use kept "
+            f"({format_size(sum(f.bytes for f in kept))})",
+            highlight=False,
+        )
+        return
+    used = sum(f.bytes for f in files)
+    budget = f" of {format_size(slots.budget)} allowed" if os.path.isdir(path) else ""
+    console.print(f"{path}: {len(files)} files, {format_size(used)}{budget}", highlight=False)
+    now = time.time()
+    for f in files:
+        state = "in use" if f.in_use else f"free, used {now - f.last_used:.0f} s ago"
+        console.print(f"  {f.name:12} {format_size(f.bytes):>10}  {state}", highlight=False)

@@ -10,6 +10,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -204,3 +205,24 @@ def test_remote_epochs_in_fresh_worker_processes_reuse_the_same_slots(
         made.append(_slots(slot_path))
     assert made[0], "no slot was used"
     assert made[1] == made[0]  # the second epoch's workers claimed the first's slots
+
+
+def test_the_buffers_command_lists_and_clears_only_what_no_reader_holds(
+    slot_path: str, iosvc_cli: Any
+) -> None:
+    slots = SlotDirectory(slot_path, budget=64 * MiB)
+    held = slots.claim(2 * MiB)
+    free = slots.claim(MiB)
+    assert held is not None and free is not None
+    free.close()
+    shown = iosvc_cli("shards", "buffers", "--dir", slot_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "2 files, 3MiB of" in shown.stdout and "allowed" in shown.stdout
+    lines = {line.split()[0]: line for line in shown.stdout.splitlines()[1:]}
+    assert "in use" in lines["slot-0"] and "free" in lines["slot-1"]
+    cleared = iosvc_cli("shards", "buffers", "--dir", slot_path, "--clear")
+    assert cleared.returncode == 0, cleared.stderr
+    assert "freed 1MiB" in cleared.stdout and "1 files in use kept" in cleared.stdout
+    assert _slots(slot_path) == ["slot-0"]
+    held[:3] = b"abc"  # the held slot is untouched and still writable
+    assert iosvc_cli("shards", "buffers", "--dir", str(Path(slot_path) / "none")).returncode == 0
