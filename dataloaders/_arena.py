@@ -50,13 +50,13 @@ _FLOCK = "hhqqi4x"  # struct flock on Linux x86-64 and aarch64 (type, whence, st
 _ALIGN = 64
 
 
-def _lock(fd: int, kind: int, byte: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, byte, 1, 0))
+def _lock(fd: int, kind: int, start: int, length: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, start, length, 0))
 
 
-def _read_locked(fd: int, byte: int) -> bool:
-    """True if any open file (of any process) holds a read lock on ``byte``."""
-    probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+def _read_locked(fd: int, start: int, length: int) -> bool:
+    """True if any open file (of any process) holds a read lock on a byte of the range."""
+    probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
     kind = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))[0]
     return bool(kind != fcntl.F_UNLCK)
 
@@ -75,7 +75,7 @@ class ArenaRef:
     slot: int
     offset: int  # in the file
     shape: tuple[int, ...]
-    dtype: str
+    dtype: str  # of an array; "bytes": ``shape[0] + 1`` int64 offsets, then the blobs
 
 
 class BatchArena:
@@ -85,6 +85,7 @@ class BatchArena:
         self._dir = SlotDirectory(slots.path, slots._budget, slots.idle, prefix="batch-")
         self._count = count
         self._file: tuple[str, mmap.mmap, int] | None = None  # path, mapping, probe fd
+        self._retired: list[tuple[str, mmap.mmap, int]] = []  # outgrown files, kept claimed
         self._slot_bytes = 0
         self._token = 0
         self._next = 0
@@ -93,7 +94,8 @@ class BatchArena:
     def _open(self, nbytes: int) -> bool:
         if self._failed:
             return False
-        slot_bytes = -(-nbytes // 4096) * 4096
+        # Headroom: batches of blobs differ in size (a larger one later takes a larger file).
+        slot_bytes = -(-(nbytes + nbytes // 4) // 4096) * 4096
         claimed = self._dir.claim_file(_DATA_AT + self._count * slot_bytes)
         if claimed is None:
             self._failed = True  # no room: this worker uses plain shared memory
@@ -111,19 +113,23 @@ class BatchArena:
     def batch(self, nbytes: int) -> ArenaBatch | None:
         """A free slot for a batch of ``nbytes`` (fields aligned as :meth:`ArenaBatch.array`
         lays them out), or None: the caller uses plain shared memory for this batch."""
+        if self._file is not None and nbytes > self._slot_bytes:
+            # Outgrown: a larger file. This one stays claimed (for this process's life): its
+            # batches in flight must not meet a new owner.
+            self._retired.append(self._file)
+            self._file = None
         if self._file is None and not self._open(nbytes):
             return None
         assert self._file is not None
         path, buf, fd = self._file
-        if nbytes > self._slot_bytes:
-            return None
         count = _HEADER.unpack_from(buf, 0)[3]
         for i in range(count):
             k = (self._next + i) % count
-            if buf[_FLAGS_AT + k] == 0 and not _read_locked(fd, k):
+            at = _DATA_AT + k * self._slot_bytes
+            if buf[_FLAGS_AT + k] == 0 and not _read_locked(fd, at, self._slot_bytes):
                 buf[_FLAGS_AT + k] = 1  # in flight until the main process receives it
                 self._next = k + 1
-                return ArenaBatch(path, self._token, k, buf, _DATA_AT + k * self._slot_bytes)
+                return ArenaBatch(path, self._token, k, buf, at)
         return None
 
 
@@ -151,6 +157,24 @@ class ArenaBatch:
         self._at += _aligned(shape, dtype)
         return out, ref
 
+    def blobs(self, lengths: np.ndarray[Any, Any]) -> tuple[np.ndarray, memoryview, ArenaRef]:
+        """Room for a column of ``len(lengths)`` blobs: their end offsets (filled here), the
+        bytes to copy them into (back to back) and the reference to send in their place."""
+        n = len(lengths)
+        ends = np.frombuffer(self._buf, dtype="<i8", count=n + 1, offset=self._at)
+        ends[0] = 0
+        np.cumsum(lengths, out=ends[1:])
+        data_at = self._at + _aligned((n + 1,), ends.dtype)
+        total = int(ends[-1])
+        ref = ArenaRef(self._path, self._token, self._slot, self._at, (n,), "bytes")
+        self._at = data_at + _aligned((total,), np.dtype(np.uint8))
+        return ends, memoryview(self._buf)[data_at : data_at + total], ref
+
+
+def blobs_bytes(n: int, total: int) -> int:
+    """Bytes a column of ``n`` blobs of ``total`` bytes takes in a slot."""
+    return _aligned((n + 1,), np.dtype("<i8")) + _aligned((total,), np.dtype(np.uint8))
+
 
 class _Reader:
     """The main process's side: maps arena files and holds a read lock per live batch."""
@@ -170,29 +194,44 @@ class _Reader:
             self._files[path] = got
         return got
 
-    def open(self, refs: list[tuple[str, ArenaRef]]) -> dict[str, torch.Tensor]:
-        """Tensors of one batch's fields (all in one slot); the slot stays read-locked until
-        the last of them, and every view of them, is collected."""
+    def open(self, refs: list[tuple[str, ArenaRef]]) -> dict[str, Any]:
+        """One batch's fields (all in one slot): tensors, which keep the slot read-locked
+        until the last of them and every view of them is collected, and blob columns, copied
+        out as ``bytes``."""
         first = refs[0][1]
-        end = max(
-            ref.offset + int(np.prod(ref.shape)) * np.dtype(ref.dtype).itemsize for _, ref in refs
-        )
+        received = False
         with self._lock:
-            fd, buf = self._mapping(first.path, end)
-            _lock(fd, fcntl.F_RDLCK, first.slot)
-        token = _HEADER.unpack_from(buf, 0)[1]
-        if token != first.token:
-            _lock(fd, fcntl.F_UNLCK, first.slot)
+            fd, buf = self._mapping(first.path, _DATA_AT)
+            if _HEADER.unpack_from(buf, 0)[1] == first.token:
+                end = max(self._end(ref) for _, ref in refs)
+                fd, buf = self._mapping(first.path, end)
+                start = min(ref.offset for _, ref in refs)
+                # The bytes themselves are locked, whatever slot layout a later owner of
+                # the file chooses: no owner writes over them until they are released.
+                _lock(fd, fcntl.F_RDLCK, start, end - start)
+                if _HEADER.unpack_from(buf, 0)[1] != first.token:  # claimed in between
+                    _lock(fd, fcntl.F_UNLCK, start, end - start)
+                else:
+                    buf[_FLAGS_AT + first.slot] = 0  # received: the lock guards it now
+                    received = True
+        if not received:
             raise RuntimeError(
                 f"batch slot {first.slot} of {first.path} was claimed by another reader "
                 "before its batch arrived (a worker restarted under a running loader?)"
             )
-        buf[_FLAGS_AT + first.slot] = 0  # received: from now on the read lock guards it
-        start = min(ref.offset for _, ref in refs)
         region = np.frombuffer(buf, dtype=np.uint8, count=end - start, offset=start)
-        weakref.finalize(region, _release, fd, first.slot)
-        out: dict[str, torch.Tensor] = {}
+        weakref.finalize(region, _release, fd, start, end - start)
+        out: dict[str, Any] = {}
         for name, ref in refs:
+            if ref.dtype == "bytes":  # copied out: a list of bytes, as default_collate gives
+                n = ref.shape[0]
+                a = ref.offset - start
+                ends = region[a : a + (n + 1) * 8].view("<i8")
+                data = a + _aligned((n + 1,), ends.dtype)
+                mv = region.data
+                bounds = (ends + data).tolist()
+                out[name] = [mv[bounds[i] : bounds[i + 1]].tobytes() for i in range(n)]
+                continue
             dtype = np.dtype(ref.dtype)
             count = int(np.prod(ref.shape))
             a = ref.offset - start
@@ -200,18 +239,27 @@ class _Reader:
             out[name] = torch.from_numpy(view)
         return out
 
+    def _end(self, ref: ArenaRef) -> int:
+        """Where the field ``ref`` ends in its file (bytes columns: read from the file)."""
+        if ref.dtype != "bytes":
+            return ref.offset + _aligned(ref.shape, np.dtype(ref.dtype))
+        n = ref.shape[0]
+        _, buf = self._mapping(ref.path, ref.offset + (n + 1) * 8)
+        total = int(np.frombuffer(buf, dtype="<i8", count=1, offset=ref.offset + n * 8)[0])
+        return ref.offset + blobs_bytes(n, total)
 
-def _release(fd: int, slot: int) -> None:
+
+def _release(fd: int, start: int, length: int) -> None:
     with contextlib.suppress(OSError):  # the file closed at exit: the lock went with it
-        _lock(fd, fcntl.F_UNLCK, slot)
+        _lock(fd, fcntl.F_UNLCK, start, length)
 
 
 _READER = _Reader()
 
 
 def open_batch(batch: Any) -> Any:
-    """``batch`` with its :class:`ArenaRef` fields turned into tensors (other batches as
-    they are)."""
+    """``batch`` with its :class:`ArenaRef` fields turned into tensors (arrays and numbers)
+    and lists of ``bytes`` (blobs); other batches as they are."""
     if not isinstance(batch, dict):
         return batch
     refs = [(name, value) for name, value in batch.items() if isinstance(value, ArenaRef)]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
-from dataloaders._arena import BatchArena, batch_bytes
+from dataloaders._arena import BatchArena, batch_bytes, blobs_bytes
 from dataloaders._cache import BufferPool, ShardFetcher, ShardPrefetcher
 from dataloaders._errors import ManifestError, ShardNotFound
 from dataloaders._formats import DecodedShard
@@ -155,6 +155,14 @@ def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor:
 
 
 _NUMERIC = ("array", "int", "float")
+
+
+def _span_lengths(n: int, parts: list[Any]) -> np.ndarray:
+    """Each batch row's blob length, from per-group (rows, buffer, starts, stops)."""
+    lengths = np.zeros(n, dtype=np.int64)
+    for positions, _, starts, stops in parts:
+        lengths[positions] = stops - starts
+    return lengths
 
 
 def _column_dtype(spec: Any) -> np.dtype[Any]:
@@ -415,7 +423,19 @@ class StreamingDataset(IterableDataset[Sample]):
         # arrays to copy from, and no copy into shared memory when the batch is sent.
         numeric = [spec for spec in fields if spec.kind in _NUMERIC]
         shapes = [((n, *(spec.shape or ())), _column_dtype(spec)) for spec in numeric]
-        slot = self._arena_batch(shapes)
+        # Blob fields go into the arena slot too where the shard says where they lie (raw
+        # shards): one copy each, instead of bytes objects pickled through the result pipe.
+        spans = self._blob_spans(groups.values(), fields) if self._batch_arenas else {}
+        lengths = {name: _span_lengths(n, parts) for name, parts in spans.items()}
+        extra = sum(blobs_bytes(n, int(sizes.sum())) for sizes in lengths.values())
+        slot = self._arena_batch(shapes, extra)
+        if slot is not None:
+            for name, parts in spans.items():
+                ends, dst, out[name] = slot.blobs(lengths[name])
+                at = ends.tolist()
+                for positions, src, starts, stops in parts:
+                    for pos, a, b in zip(positions, starts.tolist(), stops.tolist(), strict=True):
+                        dst[at[pos] : at[pos + 1]] = src[a:b]
         columns: dict[str, np.ndarray] = {}
         for spec, (shape, dtype) in zip(numeric, shapes, strict=True):
             if slot is not None:
@@ -428,7 +448,8 @@ class StreamingDataset(IterableDataset[Sample]):
                 rows = columns[spec.name]
                 for shard, positions, js in groups.values():
                     shard.take_into(js, spec, rows, positions)
-        others = [spec for spec in fields if spec.kind != "array"]
+        in_slot = spans if slot is not None else {}  # blob columns copied above
+        others = [spec for spec in fields if spec.kind != "array" and spec.name not in in_slot]
         parts = [
             (positions, shard.take(js, others) if others else {})
             for shard, positions, js in groups.values()
@@ -553,10 +574,13 @@ class StreamingDataset(IterableDataset[Sample]):
         buffer_dir = default_slot_dir() if self.buffer_dir == "auto" else self.buffer_dir
         return SlotDirectory(buffer_dir, self.buffer_dir_bytes) if buffer_dir else None
 
-    def _arena_batch(self, fields: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> Any:
-        """A slot of this worker's batch arena for a batch of ``fields``, or None (no arena:
-        not a DataLoader worker, arenas off, no slot directory or no free slot)."""
-        if not self._batch_arenas or not fields:
+    def _arena_batch(
+        self, fields: list[tuple[tuple[int, ...], np.dtype[Any]]], extra: int = 0
+    ) -> Any:
+        """A slot of this worker's batch arena for a batch of ``fields`` and ``extra`` bytes
+        of blob columns, or None (no arena: not a DataLoader worker, arenas off, no slot
+        directory or no free slot)."""
+        if not self._batch_arenas or not (fields or extra):
             return None
         pid = os.getpid()
         if self._arena is None or self._arena[0] != pid:  # forked: not the parent's arena
@@ -564,7 +588,25 @@ class StreamingDataset(IterableDataset[Sample]):
             in_worker = torch.utils.data.get_worker_info() is not None
             self._arena = (pid, BatchArena(slots) if slots and in_worker else None)
         arena = self._arena[1]
-        return arena.batch(batch_bytes(fields)) if arena is not None else None
+        return arena.batch(batch_bytes(fields) + extra) if arena is not None else None
+
+    @staticmethod
+    def _blob_spans(groups: Any, fields: Sequence[Any]) -> dict[str, list[Any]]:
+        """Bytes fields -> [(batch rows, buffer, starts, stops)] per shard group, for the
+        fields every shard of the batch can locate (:meth:`DecodedShard.blob_spans`)."""
+        out: dict[str, list[Any]] = {}
+        for spec in fields:
+            if spec.kind != "bytes":
+                continue
+            parts = []
+            for shard, positions, js in groups:
+                span = shard.blob_spans(js, spec)
+                if span is None:
+                    break
+                parts.append((positions, *span))
+            else:
+                out[spec.name] = parts
+        return out
 
     def _reading_key(self) -> tuple[Any, ...]:
         return (self.epoch, self._resume_position, self.num_canonical, self.seed, self.shuffle)

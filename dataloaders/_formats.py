@@ -67,6 +67,14 @@ class DecodedShard(ABC):
         goes through :meth:`take`; formats override it to decode straight into ``out``."""
         out[rows] = self.take(indices, [spec])[spec.name]
 
+    def blob_spans(
+        self, indices: Sequence[int], spec: FieldSpec
+    ) -> tuple[Any, np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Where bytes field ``spec`` of samples ``indices`` lies, verified: (buffer, starts,
+        stops), for copying straight into a batch; None where a format has no such layout
+        (then :meth:`take` makes the values)."""
+        return None
+
     def take(self, indices: Sequence[int], fields: Sequence[FieldSpec]) -> dict[str, Any]:
         """Samples ``indices`` as columns: an array field as one ``(k, *shape)`` array, every
         other field as a list. The default builds each sample; formats override it to decode
@@ -165,6 +173,7 @@ class _RawShard(DecodedShard):
         # them triggers full garbage collections, 0.1 s with torch loaded).
         native = np.ascontiguousarray(ends, dtype="=u8")
         self._ends = native.data.cast("B").cast("Q")
+        self._ends_i64 = native.astype(np.int64)  # the same, for vectorised span lookups
         self._nblob = len(blobs)
         self._check = check
         # Where each sample's blobs start and end (for checking a batch's blocks at once).
@@ -191,6 +200,20 @@ class _RawShard(DecodedShard):
         for name, column in self._values:
             out[name] = column[i]
         return out
+
+    def blob_spans(
+        self, indices: Sequence[int], spec: FieldSpec
+    ) -> tuple[Any, np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        k = next((k for k, (name, _) in enumerate(self._blobs) if name == spec.name), None)
+        if k is None:
+            return None
+        rows = np.asarray(indices, dtype=np.int64)
+        if self._check is not None:
+            self._check.check_spans(self._sample_starts[rows], self._sample_ends[rows])
+        ends = self._ends_i64
+        at = rows * self._nblob + k
+        starts = np.where(at > 0, ends[np.maximum(at - 1, 0)], 0)
+        return self._view, starts, ends[at]
 
     def take(self, indices: Sequence[int], fields: Sequence[FieldSpec]) -> dict[str, Any]:
         if any(spec.kind == "array" for _, spec in self._blobs):

@@ -163,3 +163,33 @@ def test_a_killed_main_process_frees_the_slots_it_held(arrays_url: str, buffer_d
         holder.wait(10)
         if holder.stdout is not None:
             holder.stdout.close()
+
+
+def test_growing_blob_batches_and_a_new_slot_layout_never_touch_held_batches(
+    local_url: str, buffer_dir: str
+) -> None:
+    """Blob batches grow past an arena's slots (the worker takes a larger file), and a
+    later loader lays the same files out in other slots: held batches stay intact."""
+    blobs = [os.urandom(50 + i * 40) for i in range(400)]  # later batches far larger
+    write_shards(
+        [{"b": blob, "y": i} for i, blob in enumerate(blobs)], local_url, shard_bytes=64 << 10
+    )
+
+    def epoch(batch: int) -> list[dict[str, Any]]:
+        ds = StreamingDataset(local_url, shuffle=False)
+        return list(DataLoader(ds, batch_size=batch, num_workers=2))
+
+    def check(batches: list[dict[str, Any]]) -> None:
+        seen = []
+        for b in batches:
+            assert all(isinstance(x, bytes) for x in b["b"])
+            for i, blob in zip(b["y"].tolist(), b["b"], strict=True):
+                assert blob == blobs[i]
+                seen.append(i)
+        assert sorted(seen) == list(range(400))
+
+    held = epoch(16)
+    check(held)
+    assert len(_arenas(buffer_dir)) > 2  # outgrown arenas were replaced by larger ones
+    check(epoch(40))  # the same files, other slot sizes
+    check(held)
