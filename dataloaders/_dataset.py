@@ -342,34 +342,48 @@ class StreamingDataset(IterableDataset[Sample]):
 
     def order(self, epoch: int | None = None, *, canonical: int | None = None) -> np.ndarray:
         """The global sample order of ``epoch`` (default: the current one)."""
-        world = World.detect()
+        key = self._order_key(epoch, canonical)
+        cached: tuple[tuple[Any, ...], np.ndarray] | None = getattr(self, "_order_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        order = self._epoch_order(key)
+        order.setflags(write=False)
+        self._order_cache = (key, order)  # for the next call with the same arguments
+        return order
+
+    def _order_key(self, epoch: int | None, canonical: int | None = None) -> tuple[Any, ...]:
         block = self._order_block if self._order_block is not None else self._block()
-        key = (
+        return (
             self.seed,
             self.epoch if epoch is None else epoch,
             self.shuffle,
             self.shuffle_window,
-            canonical or self._canonical(world),
+            canonical or self._canonical(World.detect()),
             block,
         )
-        # Kept for the next call with the same arguments: dataloaders.DataLoader computes the
-        # epoch's order before its workers start, so each worker inherits it instead of
-        # spending its first-batch time on the same permutation.
+
+    def _epoch_order(self, key: tuple[Any, ...], at: np.ndarray | None = None) -> np.ndarray:
+        seed, epoch, shuffle, window, canonical, block = key
+        return epoch_order(
+            self.manifest.counts,
+            seed=seed,
+            epoch=epoch,
+            shuffle=shuffle,
+            window=window,
+            canonical=canonical,
+            block=block,
+            at=at,
+        )
+
+    def _ids_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """Sample ids at ``positions`` of ``epoch``: from the whole order if it was computed
+        already, else only the shuffle windows they draw from (a reader's own streams: each
+        of 2 workers sorts half the windows, in parallel, on its way to its first batch)."""
+        key = self._order_key(epoch)
         cached: tuple[tuple[Any, ...], np.ndarray] | None = getattr(self, "_order_cache", None)
         if cached is not None and cached[0] == key:
-            return cached[1]
-        order = epoch_order(
-            self.manifest.counts,
-            seed=key[0],
-            epoch=key[1],
-            shuffle=key[2],
-            window=key[3],
-            canonical=key[4],
-            block=key[5],
-        )
-        order.setflags(write=False)  # shared by every reader of this epoch
-        self._order_cache = (key, order)
-        return order
+            return sample_ids(cached[1], positions)
+        return self._epoch_order(key, at=positions)
 
     # ------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[Any]:
@@ -524,9 +538,8 @@ class StreamingDataset(IterableDataset[Sample]):
         if self.num_canonical is None:
             self.num_canonical = world.partitions
         the_plan = self._plan(world)
-        order = self.order(epoch)
         positions = the_plan.positions(world.rank, world.worker, world.num_workers)
-        ids = sample_ids(order, positions)
+        ids = self._ids_at(epoch, positions)
         counts = manifest.counts
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         # The shard of each sample id by table lookup (a searchsorted took 4 ms here).

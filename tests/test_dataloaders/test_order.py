@@ -156,3 +156,38 @@ def test_argsort_within_equals_lexsort_with_ties(pairs: list[tuple[int, int]], r
     cuts = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), len(group)]
     windows = list(itertools.pairwise(cuts)) if len(group) else []
     assert np.array_equal(argsort_within(keys, windows), np.lexsort((keys, group)))
+
+
+@settings(max_examples=200)
+@given(
+    counts_st,
+    st.integers(0, 3),
+    st.integers(1, 6),
+    st.integers(1, 9),
+    st.booleans(),
+    st.floats(0.3, 3.0),
+    st.lists(st.integers(0, 1000), max_size=60),
+)
+def test_the_order_at_some_positions_is_the_full_order_there(
+    counts: list[int],
+    epoch: int,
+    canonical: int,
+    block: int,
+    shuffle: bool,
+    window: float,
+    at: list[int],
+) -> None:
+    """A reader computes only its own positions (the windows they draw from): the same ids,
+    including positions past the end, which wrap as in sample_ids."""
+    kwargs = {
+        "seed": 3,
+        "epoch": epoch,
+        "canonical": canonical,
+        "block": block,
+        "shuffle": shuffle,
+        "window": window,
+    }
+    full = epoch_order(counts, **kwargs)  # type: ignore[arg-type]
+    positions = np.asarray(at, dtype=np.int64)
+    part = epoch_order(counts, at=positions, **kwargs)  # type: ignore[arg-type]
+    assert np.array_equal(part, sample_ids(full, positions))
