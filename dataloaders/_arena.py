@@ -71,6 +71,7 @@ class ArenaRef:
     sends instead of a tensor; :func:`open_batch` turns it back into one)."""
 
     path: str
+    inode: int  # of the file: a file deleted and made again under the same name is another
     token: int
     slot: int
     offset: int  # in the file
@@ -86,6 +87,7 @@ class BatchArena:
         self._count = count
         self._file: tuple[str, mmap.mmap, int] | None = None  # path, mapping, probe fd
         self._retired: list[tuple[str, mmap.mmap, int]] = []  # outgrown files, kept claimed
+        self._inode = 0
         self._slot_bytes = 0
         self._token = 0
         self._next = 0
@@ -104,6 +106,7 @@ class BatchArena:
         count = min((len(buf) - _DATA_AT) // slot_bytes, _MAX_SLOTS)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         self._token = int.from_bytes(os.urandom(8), "little")
+        self._inode = os.fstat(fd).st_ino
         buf[_FLAGS_AT : _FLAGS_AT + count] = bytes(count)
         _HEADER.pack_into(buf, 0, _MAGIC, self._token, slot_bytes, count)
         self._file = (path, buf, fd)
@@ -129,7 +132,7 @@ class BatchArena:
             if buf[_FLAGS_AT + k] == 0 and not _read_locked(fd, at, self._slot_bytes):
                 buf[_FLAGS_AT + k] = 1  # in flight until the main process receives it
                 self._next = k + 1
-                return ArenaBatch(path, self._token, k, buf, at)
+                return ArenaBatch(path, self._inode, self._token, k, buf, at)
         return None
 
 
@@ -145,15 +148,18 @@ def batch_bytes(fields: list[tuple[tuple[int, ...], np.dtype[Any]]]) -> int:
 class ArenaBatch:
     """One slot being filled: hands out its fields' arrays, one after the other."""
 
-    def __init__(self, path: str, token: int, slot: int, buf: mmap.mmap, offset: int) -> None:
-        self._path, self._token, self._slot, self._buf = path, token, slot, buf
+    def __init__(
+        self, path: str, inode: int, token: int, slot: int, buf: mmap.mmap, offset: int
+    ) -> None:
+        self._path, self._inode, self._token, self._slot = path, inode, token, slot
+        self._buf = buf
         self._at = offset
 
     def array(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[np.ndarray, ArenaRef]:
         """An array to fill in the slot, and the reference to send in its place."""
         count = int(np.prod(shape))
         out = np.frombuffer(self._buf, dtype=dtype, count=count, offset=self._at).reshape(shape)
-        ref = ArenaRef(self._path, self._token, self._slot, self._at, shape, dtype.str)
+        ref = ArenaRef(self._path, self._inode, self._token, self._slot, self._at, shape, dtype.str)
         self._at += _aligned(shape, dtype)
         return out, ref
 
@@ -166,7 +172,7 @@ class ArenaBatch:
         np.cumsum(lengths, out=ends[1:])
         data_at = self._at + _aligned((n + 1,), ends.dtype)
         total = int(ends[-1])
-        ref = ArenaRef(self._path, self._token, self._slot, self._at, (n,), "bytes")
+        ref = ArenaRef(self._path, self._inode, self._token, self._slot, self._at, (n,), "bytes")
         self._at = data_at + _aligned((total,), np.dtype(np.uint8))
         return ends, memoryview(self._buf)[data_at : data_at + total], ref
 
@@ -180,18 +186,32 @@ class _Reader:
     """The main process's side: maps arena files and holds a read lock per live batch."""
 
     def __init__(self) -> None:
-        self._files: dict[str, tuple[int, mmap.mmap]] = {}
+        # By (path, inode): a file deleted (idle clean-up, `iosvc shards buffers --clear`) and
+        # made again under its name is another file; the old one's descriptor stays open, as
+        # its read locks may still guard batches in use.
+        self._files: dict[tuple[str, int], tuple[int, mmap.mmap]] = {}
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    def _mapping(self, path: str, end: int) -> tuple[int, mmap.mmap]:
+    def _mapping(self, ref: ArenaRef, end: int) -> tuple[int, mmap.mmap] | None:
+        """The file of ``ref`` mapped to at least ``end``; None if it is not there any more."""
         if self._pid != os.getpid():  # forked: the parent's locks are not this process's
             self._files, self._pid = {}, os.getpid()
-        got = self._files.get(path)
-        if got is None or len(got[1]) < end:
-            fd = got[0] if got is not None else os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            got = (fd, mmap.mmap(fd, os.fstat(fd).st_size))
-            self._files[path] = got
+        key = (ref.path, ref.inode)
+        got = self._files.get(key)
+        if got is None:
+            try:
+                fd = os.open(ref.path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            if os.fstat(fd).st_ino != ref.inode:  # replaced since the batch was sent
+                os.close(fd)
+                return None
+            got = (fd, mmap.mmap(fd, 0))
+            self._files[key] = got
+        if len(got[1]) < end:
+            got = (got[0], mmap.mmap(got[0], 0))
+            self._files[key] = got
         return got
 
     def open(self, refs: list[tuple[str, ArenaRef]]) -> dict[str, Any]:
@@ -201,10 +221,10 @@ class _Reader:
         first = refs[0][1]
         received = False
         with self._lock:
-            fd, buf = self._mapping(first.path, _DATA_AT)
-            if _HEADER.unpack_from(buf, 0)[1] == first.token:
-                end = max(self._end(ref) for _, ref in refs)
-                fd, buf = self._mapping(first.path, end)
+            mapped = self._mapping(first, _DATA_AT)
+            if mapped is not None and _HEADER.unpack_from(mapped[1], 0)[1] == first.token:
+                end = max(self._end(ref, mapped[1]) for _, ref in refs)
+                fd, buf = self._mapping(first, end) or mapped
                 start = min(ref.offset for _, ref in refs)
                 # The bytes themselves are locked, whatever slot layout a later owner of
                 # the file chooses: no owner writes over them until they are released.
@@ -239,12 +259,15 @@ class _Reader:
             out[name] = torch.from_numpy(view)
         return out
 
-    def _end(self, ref: ArenaRef) -> int:
+    def _end(self, ref: ArenaRef, buf: mmap.mmap) -> int:
         """Where the field ``ref`` ends in its file (bytes columns: read from the file)."""
         if ref.dtype != "bytes":
             return ref.offset + _aligned(ref.shape, np.dtype(ref.dtype))
         n = ref.shape[0]
-        _, buf = self._mapping(ref.path, ref.offset + (n + 1) * 8)
+        if len(buf) < ref.offset + (n + 1) * 8:  # grown since mapped
+            mapped = self._mapping(ref, ref.offset + (n + 1) * 8)
+            assert mapped is not None
+            buf = mapped[1]
         total = int(np.frombuffer(buf, dtype="<i8", count=1, offset=ref.offset + n * 8)[0])
         return ref.offset + blobs_bytes(n, total)
 

@@ -124,7 +124,9 @@ def test_a_batch_whose_slot_was_claimed_again_is_an_error(tmp_path: Path) -> Non
     slot = arena.batch(4096)
     assert slot is not None
     _, ref = slot.array((16,), np.dtype("<i8"))
-    forged = ArenaRef(ref.path, ref.token ^ 1, ref.slot, ref.offset, ref.shape, ref.dtype)
+    forged = ArenaRef(
+        ref.path, ref.inode, ref.token ^ 1, ref.slot, ref.offset, ref.shape, ref.dtype
+    )
     with pytest.raises(RuntimeError, match="claimed by another reader"):
         open_batch({"y": forged})
     assert open_batch({"y": ref})["y"].shape == (16,)
@@ -193,3 +195,22 @@ def test_growing_blob_batches_and_a_new_slot_layout_never_touch_held_batches(
     assert len(_arenas(buffer_dir)) > 2  # outgrown arenas were replaced by larger ones
     check(epoch(40))  # the same files, other slot sizes
     check(held)
+
+
+def test_an_arena_deleted_and_made_again_under_its_name_is_read_as_the_new_file(
+    arrays_url: str, buffer_dir: str
+) -> None:
+    """The main process keeps arena files open; one deleted meanwhile (idle clean-up,
+    `iosvc shards buffers --clear`) and made again by the next workers is another file."""
+    samples = _samples()
+    loader = DataLoader(StreamingDataset(arrays_url, seed=4), batch_size=BATCH, num_workers=2)
+    held = list(loader)
+    names = _arenas(buffer_dir)
+    assert names
+    SlotDirectory(buffer_dir).clear()  # no worker holds them: deleted, batches still held
+    assert _arenas(buffer_dir) == []
+    again = list(loader)  # new workers make files of the same names
+    remade = _arenas(buffer_dir)
+    assert remade and set(remade) <= set(names)
+    for batch in [*held, *again]:
+        _check(batch, samples)
