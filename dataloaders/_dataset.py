@@ -155,6 +155,7 @@ def _batch_tensor(shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor:
 
 
 _NUMERIC = ("array", "int", "float")
+_ORDER_ARGS = ("seed", "epoch", "shuffle", "window", "canonical", "block")  # of epoch_order
 
 
 def _span_lengths(n: int, parts: list[Any]) -> np.ndarray:
@@ -363,17 +364,8 @@ class StreamingDataset(IterableDataset[Sample]):
         )
 
     def _epoch_order(self, key: tuple[Any, ...], at: np.ndarray | None = None) -> np.ndarray:
-        seed, epoch, shuffle, window, canonical, block = key
-        return epoch_order(
-            self.manifest.counts,
-            seed=seed,
-            epoch=epoch,
-            shuffle=shuffle,
-            window=window,
-            canonical=canonical,
-            block=block,
-            at=at,
-        )
+        kwargs = dict(zip(_ORDER_ARGS, key, strict=True))  # key: see _order_key
+        return epoch_order(self.manifest.counts, at=at, **kwargs)
 
     def _ids_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         """Sample ids at ``positions`` of ``epoch``: from the whole order if it was computed
