@@ -214,3 +214,17 @@ def test_an_arena_deleted_and_made_again_under_its_name_is_read_as_the_new_file(
     assert remade and set(remade) <= set(names)
     for batch in [*held, *again]:
         _check(batch, samples)
+
+
+def test_without_a_buffer_dir_batches_come_in_plain_shared_memory(
+    arrays_url: str, buffer_dir: str
+) -> None:
+    before = _arenas(buffer_dir)
+    samples = _samples()
+    ds = StreamingDataset(arrays_url, seed=6, buffer_dir=None)
+    batches = list(DataLoader(ds, batch_size=BATCH, num_workers=2))
+    assert sum(len(b["y"]) for b in batches) == N
+    for batch in batches:
+        assert batch["x"].is_shared()  # PyTorch's own segments, as before arenas
+        _check(batch, samples)
+    assert _arenas(buffer_dir) == before  # no arena made or claimed anew
