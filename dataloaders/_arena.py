@@ -1,23 +1,27 @@
-"""Batch arenas: a worker's numeric batch fields in a slot file the main process maps.
+"""Batch arenas: a worker's batch fields in a slot file the main process maps.
 
 Why: PyTorch sends each batch tensor of a worker in a fresh shared-memory segment, which the
 main process maps (its descriptor passed over a socket) and frees when the batch is dropped.
 Every batch is fresh memory, faulted in page by page: an epoch of 1 GiB of float32 arrays is
 ~262k page faults in the workers, about a quarter of the epoch's CPU on this project's VM
-(sys time 1.1 -> 0.25 s, 37k -> 50-68k samples/s when the memory is reused). An arena is a
-few batch slots in one file of the reader's slot directory (:mod:`dataloaders._slots`,
-``batch-N``), reused batch after batch and, being tmpfs, resident from one run to the next.
+(sys time 1.1 -> 0.25 s, 37k -> 50-68k samples/s when the memory is reused). ``bytes``
+fields went through the result pipe, pickled (3 copies). An arena is a few batch slots in
+one file of the reader's slot directory (:mod:`dataloaders._slots`, ``batch-N``), reused
+batch after batch and, being tmpfs, resident from one run to the next. Numeric fields are
+written into a slot and mapped by the main process; blob columns are copied in once and
+made into ``bytes`` by the main process.
 
-Who may write slot ``k`` of an arena (the worker that holds the file's ``flock``) and when:
+Who may write a slot of an arena (the worker that holds the file's ``flock``) and when:
 
 - its in-flight flag (a header byte) is 0: never sent, or received by the main process;
-- and no process holds an OFD read lock on byte ``k`` of the file. The main process takes
-  one when it receives a batch in slot ``k`` (before clearing the flag) and drops it when
-  the last array or tensor of that batch is collected. OFD locks belong to the open file, so
-  the kernel drops them if the main process dies, however it dies.
+- and no process holds an OFD read lock on any of its bytes. The main process takes one on
+  a batch's bytes when it receives the batch (before clearing the flag) and drops it when
+  the last array or tensor of that batch is collected. Locks on bytes, not slot numbers,
+  hold whatever slot layout a later owner of the file chooses. OFD locks belong to the open
+  file, so the kernel drops them if the main process dies, however it dies.
 
 A worker that claims an arena afresh (the last owner gone) gives it a new token and clears
-the flags; read locks of a main process still holding older batches keep those slots.
+the flags; read locks of a main process still holding older batches keep their bytes.
 The main process checks the token of every batch it receives: a batch whose slot was
 claimed again before it arrived is an error, never silently other data.
 """
@@ -67,8 +71,8 @@ def supported() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ArenaRef:
-    """A numeric batch field in slot ``slot`` of the arena file ``path`` (what a worker
-    sends instead of a tensor; :func:`open_batch` turns it back into one)."""
+    """A batch field in slot ``slot`` of the arena file ``path`` (what a worker sends
+    instead of a tensor or a list of ``bytes``; :func:`open_batch` turns it back)."""
 
     path: str
     inode: int  # of the file: a file deleted and made again under the same name is another

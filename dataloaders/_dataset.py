@@ -221,7 +221,7 @@ class StreamingDataset(IterableDataset[Sample]):
     buffer_dir
         A tmpfs directory of reusable memory, shared by this user's readers on the node:
         remote shards are received into its ``slot-N`` files, and
-        :class:`dataloaders.DataLoader` workers put numeric batch fields in its ``batch-N``
+        :class:`dataloaders.DataLoader` workers put batch fields in its ``batch-N``
         arenas. Both stay resident between epochs and runs, so no batch or shard first
         faults in fresh memory (~3 CPU-s per GiB in VMs that return freed memory to the
         host). ``"auto"``: ``$DATALOADERS_BUFFER_DIR`` if set (empty: none), else
@@ -300,7 +300,7 @@ class StreamingDataset(IterableDataset[Sample]):
         self._in_epoch = False
         self._collated_batches = 0  # >0: yield collated batches of this size (DataLoader)
         self._drop_last = False
-        self._batch_arenas = False  # numeric batch fields in a BatchArena (DataLoader workers)
+        self._batch_arenas = False  # batch fields in a BatchArena (DataLoader workers)
         self._arena: tuple[int, BatchArena | None] | None = None  # (pid, arena)
 
     # ------------------------------------------------------------------ properties

@@ -137,8 +137,9 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
       worker's first full collection otherwise touched every page of a torch-sized heap:
       0.1-0.2 s and 40 MB per worker before its first batch on this project's 2-core VM;
     - widens the pipe that carries batches from the workers (see :func:`widen_result_pipe`);
-    - has workers put numeric batch fields in reusable slots of shared memory instead of a
-      fresh segment per batch (``dataloaders._arena``; not with ``pin_memory=True``);
+    - has workers put batch fields in reusable slots of shared memory (``dataloaders._arena``;
+      not with ``pin_memory=True``): numeric fields instead of a fresh segment per batch,
+      ``bytes`` fields of raw shards instead of pickling them through the result pipe;
     - has each worker plan its epoch and start loading its first shards as it starts
       (:meth:`StreamingDataset.prepare`, after your ``worker_init_fn`` if you pass one);
     - advances the dataset's epoch after each complete pass (persistent workers too), and
@@ -171,7 +172,7 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
             drop_last = bool(kwargs.pop("drop_last", False))
             dataset._collated_batches = batch_size
             dataset._drop_last = drop_last
-            # Numeric fields travel in the workers' batch arenas (reused memory), unless
+            # Batch fields travel in the workers' batch arenas (reused memory), unless
             # batches are pinned: the pin thread would see references, not tensors.
             dataset._batch_arenas = arena_supported() and not kwargs.get("pin_memory", False)
             kwargs["collate_fn"] = _identity
