@@ -87,7 +87,7 @@ class BatchArena:
     """A worker's arena: ``count`` reusable slots for whole batches (see module docstring)."""
 
     def __init__(self, slots: SlotDirectory, count: int = 6) -> None:
-        self._dir = SlotDirectory(slots.path, slots._budget, slots.idle, prefix="batch-")
+        self._dir = slots.of_kind("batch-")
         self._count = count
         self._file: tuple[str, mmap.mmap, int] | None = None  # path, mapping, probe fd
         self._retired: list[tuple[str, mmap.mmap, int]] = []  # outgrown files, kept claimed

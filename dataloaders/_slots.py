@@ -80,6 +80,10 @@ class SlotDirectory:
         self._budget = budget
         self._usable: bool | None = None
 
+    def of_kind(self, prefix: str) -> SlotDirectory:
+        """The same directory and budget, for slots named ``prefix``-N."""
+        return SlotDirectory(self.path, self._budget, self.idle, prefix)
+
     @property
     def budget(self) -> int:
         if self._budget is None:

@@ -133,7 +133,6 @@ def buffers(
         console.print("no buffer directory here (no writable /dev/shm and none given)")
         raise typer.Exit(1)
     slots = SlotDirectory(path)
-    files = slots.files()
     if clear:
         freed = slots.clear()
         kept = slots.files()
@@ -143,6 +142,7 @@ def buffers(
             highlight=False,
         )
         return
+    files = slots.files()
     used = sum(f.bytes for f in files)
     budget = f" of {format_size(slots.budget)} allowed" if os.path.isdir(path) else ""
     console.print(f"{path}: {len(files)} files, {format_size(used)}{budget}", highlight=False)
