@@ -28,8 +28,8 @@ from dataloaders._blocks import BlockChecker
 from dataloaders._errors import ShardCorrupted, ShardNotFound
 from dataloaders._formats import DecodedShard, get_format
 from dataloaders._fs import join
-from dataloaders._manifest import Manifest, ShardEntry
-from dataloaders._slots import SlotDirectory
+from dataloaders._manifest import FileEntry, Manifest, ShardEntry
+from dataloaders._slots import SlotDirectory, SlotMap
 
 __all__ = ["BufferPool", "ShardFetcher", "ShardPrefetcher"]
 
@@ -97,6 +97,11 @@ class BufferPool:
                         break
             return buf
 
+    def forget(self, buf: mmap.mmap) -> None:
+        """Never hand ``buf`` out again (its file now belongs to the node cache)."""
+        with self._lock:
+            self._buffers = [b for b in self._buffers if b is not buf]
+
     def _is_free(self, k: int) -> bool:
         for buf in self._buffers[k : k + 1]:  # counted as in get()
             return sys.getrefcount(buf) <= self._free + 1  # + the slice's reference
@@ -131,6 +136,7 @@ class ShardFetcher:
         verify: bool = True,
         pool: BufferPool | None = None,
         whole: bool = False,
+        node_cache: SlotDirectory | None = None,
     ):
         self.fs = fs
         self.root = root
@@ -141,6 +147,11 @@ class ShardFetcher:
         self.format = get_format(manifest.format)
         self.pool = pool
         self._client = _read_into_client(fs) if pool is not None else None
+        # Remote files are kept in (and read from) the node cache, when the manifest's
+        # checksums can vouch for what is kept; local files are the page cache's already.
+        remote = not isinstance(fs, LocalFileSystem)
+        self.node_cache = node_cache if verify and remote else None
+        self.cache_hits = 0  # files mapped from the node cache (a statistic)
 
     async def _read_into(self, paths: list[str]) -> dict[str, Any]:
         client = self._client
@@ -210,13 +221,15 @@ class ShardFetcher:
         by_blocks = sums_file is not None and not self.whole
         wanted = [*rels, sums_file.path] if sums_file is not None else rels
         paths = [join(self.root, rel) for rel in wanted]
+        expected = {f.path: f for f in shard.all_files()}
+        cached = self._cached(wanted, paths, expected)
         try:
-            got = self._read(paths)
+            got = self._read([p for p in paths if p not in cached])
         except FileNotFoundError as exc:
             raise ShardNotFound(
                 f"shard {shard.name} of {self.url}: a file is missing ({exc})"
             ) from None
-        expected = {f.path: f for f in shard.all_files()}
+        got.update(cached)
         out: dict[str, Any] = {}
         for rel, path in zip(wanted, paths, strict=True):
             key = path if path in got else self.fs._strip_protocol(path)
@@ -232,12 +245,17 @@ class ShardFetcher:
                         f"shard {shard.name} of {self.url}: {rel} has {len(data)} bytes, "
                         f"the manifest says {entry.size}"
                     )
-                checked_later = by_blocks and rel in rels
+                # Kept in the node cache only once checked whole; else checked block by
+                # block as its samples are read, where the format allows it.
+                keep = path not in cached and self._keepable(data)
+                checked_later = by_blocks and rel in rels and not keep
                 if not checked_later and xxhash.xxh3_64_hexdigest(data) != entry.xxh3_64:
                     raise ShardCorrupted(
                         f"shard {shard.name} of {self.url}: {rel} fails its xxh3 checksum "
                         "(corrupted or rewritten after the manifest)"
                     )
+                if keep:
+                    self._keep(rel, entry, data)
             out[rel] = data
         checks: dict[str, BlockChecker] = {}
         if sums_file is not None:
@@ -261,6 +279,47 @@ class ShardFetcher:
                 for rel, check in checks.items():
                     check.check(0, len(out[rel]))
         return out, checks
+
+    def _cache_key(self, rel: str, entry: FileEntry) -> str:
+        """The node cache's name for the content ``entry`` of this dataset's ``rel``."""
+        text = f"{self.url}\0{rel}\0{entry.size}\0{entry.xxh3_64}"
+        return xxhash.xxh3_128_hexdigest(text.encode())
+
+    def _cached(
+        self, wanted: list[str], paths: list[str], expected: dict[str, FileEntry]
+    ) -> dict[str, Any]:
+        """The files of ``wanted`` the node cache has: path -> their bytes, mapped."""
+        out: dict[str, Any] = {}
+        if self.node_cache is None:
+            return out
+        for rel, path in zip(wanted, paths, strict=True):
+            entry = expected.get(rel)
+            if entry is not None:
+                mapped = self.node_cache.open_cached(self._cache_key(rel, entry), entry.size)
+                if mapped is not None:
+                    out[path] = memoryview(mapped)[: entry.size]
+                    self.cache_hits += 1
+        return out
+
+    def _keepable(self, data: Any) -> bool:
+        """Whether the node cache takes ``data``: a slot it was received into, or bytes
+        (files mapped in place from a server on this host, or received into private
+        memory, are not: the first are on this node already)."""
+        owner = data.obj if isinstance(data, memoryview) else data
+        return self.node_cache is not None and isinstance(owner, SlotMap | bytes | bytearray)
+
+    def _keep(self, rel: str, entry: FileEntry, data: Any) -> None:
+        """Puts a file just read and checked whole into the node cache: a slot is renamed
+        (no copy), bytes are copied into one."""
+        assert self.node_cache is not None
+        key = self._cache_key(rel, entry)
+        owner = data.obj if isinstance(data, memoryview) else data
+        if isinstance(owner, SlotMap):
+            if self.pool is not None:
+                self.pool.forget(owner)  # no longer a buffer to reuse
+            self.node_cache.publish(owner, key)
+        else:
+            self.node_cache.store(key, data)
 
     def load(self, shard: ShardEntry) -> DecodedShard:
         """The decoded shard. Verified whole before decoding, or (``raw`` and ``arrays``

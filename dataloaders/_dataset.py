@@ -112,15 +112,18 @@ class _Source:
         keep_buffers: int = 0,
         whole: bool = False,
         slots: SlotDirectory | None = None,
+        node_cache: bool = False,
     ) -> ShardFetcher:
         """Reads shards; with ``keep_buffers``, into up to that many reused buffers (slots
         of ``slots`` where it has room); with ``whole``, verifies every file whole when it
-        is loaded."""
+        is loaded; with ``node_cache``, keeps remote files in ``slots`` for later readers
+        and reads them from there."""
         fs, root = self.fs_root
         if keep_buffers and self._pool is None:
             self._pool = BufferPool(keep_buffers, slots)
         pool = self._pool if keep_buffers else None
-        return ShardFetcher(fs, root, self.manifest, self.url, verify, pool, whole)
+        cache = slots if node_cache else None
+        return ShardFetcher(fs, root, self.manifest, self.url, verify, pool, whole, cache)
 
 
 def _pairs(a: np.ndarray, b: np.ndarray, step: int = 4096) -> Iterator[tuple[int, int]]:
@@ -230,7 +233,14 @@ class StreamingDataset(IterableDataset[Sample]):
     buffer_dir_bytes
         Bytes ``buffer_dir`` may hold, for all readers of the node together (default 1/8
         of its file system); a reader past it uses private memory. Files nobody used for
-        10 minutes are deleted.
+        10 minutes are deleted (node cache files: 1 hour).
+    node_cache
+        Keep each remote shard file in ``buffer_dir`` once its manifest checksum has
+        passed, and read it from there (mapped, nothing sent over the network) when any
+        reader of this user on the node needs it again: the next epoch's workers, the next
+        run, another rank. Within ``buffer_dir_bytes``, least recently used first out.
+        Needs ``verify`` (the checksums vouch for what is kept) and a ``buffer_dir``; local
+        files are never kept (the page cache has them).
     verify
         Check every shard file's size and xxh3 checksum against the manifest.
     transform
@@ -267,6 +277,7 @@ class StreamingDataset(IterableDataset[Sample]):
         io_threads: int = 2,
         buffer_dir: str | None = "auto",
         buffer_dir_bytes: int | None = None,
+        node_cache: bool = True,
         verify: bool = True,
         transform: Callable[[Sample], Any] | None = None,
         storage_options: dict[str, Any] | None = None,
@@ -288,6 +299,7 @@ class StreamingDataset(IterableDataset[Sample]):
         self.io_threads = io_threads
         self.buffer_dir = buffer_dir
         self.buffer_dir_bytes = buffer_dir_bytes
+        self.node_cache = node_cache
         self.verify = verify
         self.transform = transform
         self.epoch = 0
@@ -555,6 +567,7 @@ class StreamingDataset(IterableDataset[Sample]):
             self.verify,
             keep_buffers=int(self.shuffle_window) + 2 + self.prefetch,
             slots=self._slots(),
+            node_cache=self.node_cache,
         )
         shards = manifest.shards
         prefetcher = ShardPrefetcher(

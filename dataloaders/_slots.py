@@ -17,6 +17,18 @@ claim (the caller falls back to private memory), never a ``SIGBUS`` on a write i
 mapping. All slots together stay within ``budget`` bytes (checked at each claim; racing
 claims can pass it by a slot). A slot nobody has claimed for ``idle`` seconds is deleted by
 the next claim, so the memory returns to the node once its readers stop.
+
+**Node cache.** A slot that received a remote shard file, once the file's manifest checksum
+has passed, is renamed ``cache-<key>`` (:meth:`SlotDirectory.publish`): ``key`` names the
+file's content (dataset URL, path, size and manifest checksum), so the next epoch's or run's
+reader of the same file on this node maps it (:meth:`SlotDirectory.open_cached`) instead of
+reading it over the network, as MosaicML streaming's and LitData's local caches do, but in
+memory and within the same node-wide budget. A reader holds a shared ``flock`` on the cache
+file it maps; a claim that finds the budget full takes over the least recently used cache
+file nobody maps (exclusive ``flock``), renamed back to a slot first, so its pages are reused
+and no crash leaves other bytes under a cache name. A process keeps its exclusive lock on a
+file it published until it has dropped it, so no other process maps it before then. Cache
+files nobody used for ``cache_idle`` seconds (1 h) are deleted by the next claim.
 """
 
 from __future__ import annotations
@@ -28,11 +40,14 @@ import os
 import time
 from dataclasses import dataclass
 
-__all__ = ["SlotDirectory", "SlotFile", "default_slot_dir"]
+__all__ = ["SlotDirectory", "SlotFile", "SlotMap", "default_slot_dir"]
 
 _PREFIX = "slot-"
-_KINDS = (_PREFIX, "batch-")  # every kind of slot, for the budget and the idle clean-up
+CACHE_PREFIX = "cache-"
+# Every kind of file, for the budget and the idle clean-up.
+_KINDS = (_PREFIX, "batch-", CACHE_PREFIX)
 IDLE_S = 600.0
+CACHE_IDLE_S = 3600.0  # longer: an epoch may take this long before it reads a file again
 
 
 def default_slot_dir() -> str | None:
@@ -44,6 +59,13 @@ def default_slot_dir() -> str | None:
     if not (os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK)):
         return None
     return os.path.join(shm, f"dataloaders-{os.getuid()}")
+
+
+class SlotMap(mmap.mmap):
+    """A shared mapping of a slot file, which holds the file's ``flock`` while it is open;
+    ``path`` names the file (it changes when the file is published to the node cache)."""
+
+    path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,20 +91,28 @@ class SlotDirectory:
         Seconds after which a slot nobody claimed is deleted.
     prefix
         Names of this kind of slot (``slot-`` for shard buffers); the budget counts all kinds.
+    cache_idle
+        Seconds after which a node cache file nobody used is deleted.
     """
 
     def __init__(
-        self, path: str, budget: int | None = None, idle: float = IDLE_S, prefix: str = _PREFIX
+        self,
+        path: str,
+        budget: int | None = None,
+        idle: float = IDLE_S,
+        prefix: str = _PREFIX,
+        cache_idle: float = CACHE_IDLE_S,
     ) -> None:
         self.path = path
         self.prefix = prefix  # kinds of slots in one directory: shard buffers, batch arenas
         self.idle = idle
+        self.cache_idle = cache_idle
         self._budget = budget
         self._usable: bool | None = None
 
     def of_kind(self, prefix: str) -> SlotDirectory:
         """The same directory and budget, for slots named ``prefix``-N."""
-        return SlotDirectory(self.path, self._budget, self.idle, prefix)
+        return SlotDirectory(self.path, self._budget, self.idle, prefix, self.cache_idle)
 
     @property
     def budget(self) -> int:
@@ -103,30 +133,36 @@ class SlotDirectory:
                 self._usable = False
         return self._usable
 
-    def claim(self, size: int) -> mmap.mmap | None:
+    def claim(self, size: int) -> SlotMap | None:
         """A shared mapping of between ``size`` and ``2 * size`` bytes of a slot this process
         now holds, or None (no usable directory, over budget, or the file system is full).
         The slot is released when the mapping is closed or collected."""
         claimed = self.claim_file(size)
         return claimed[1] if claimed is not None else None
 
-    def claim_file(self, size: int) -> tuple[str, mmap.mmap] | None:
+    def claim_file(self, size: int) -> tuple[str, SlotMap] | None:
         """:meth:`claim`, with the slot file's path."""
         if size <= 0 or not self._open_dir():
             return None
         now = time.time()
         slots: list[tuple[int, str, int]] = []  # (bytes, name, blocks in bytes)
-        used = 0  # by slots of every kind
+        cached: list[tuple[float, str, int, int]] = []  # (last used, name, bytes, blocks)
+        used = 0  # by files of every kind
         with contextlib.suppress(OSError), os.scandir(self.path) as entries:
             for entry in entries:
                 if entry.name.startswith(_KINDS) and entry.is_file(follow_symlinks=False):
                     with contextlib.suppress(OSError):
                         st = entry.stat(follow_symlinks=False)
-                        if now - st.st_mtime > self.idle and self._remove_if_unclaimed(entry.name):
+                        is_cache = entry.name.startswith(CACHE_PREFIX)
+                        idle = self.cache_idle if is_cache else self.idle
+                        if now - st.st_mtime > idle and self._remove_if_unclaimed(entry.name):
                             continue
-                        used += st.st_blocks * 512
-                        if entry.name.startswith(self.prefix):
-                            slots.append((st.st_size, entry.name, st.st_blocks * 512))
+                        blocks = st.st_blocks * 512
+                        used += blocks
+                        if is_cache:
+                            cached.append((st.st_mtime, entry.name, st.st_size, blocks))
+                        elif entry.name.startswith(self.prefix):
+                            slots.append((st.st_size, entry.name, blocks))
         # Best fit first: the smallest slot that holds `size`, then smaller ones to grow.
         fitting = sorted(s for s in slots if size <= s[0] <= 2 * size)
         smaller = sorted((s for s in slots if s[0] < size), reverse=True)
@@ -134,21 +170,35 @@ class SlotDirectory:
             grow = max(0, size - length)
             if grow and used + grow > self.budget:
                 continue
-            path = os.path.join(self.path, name)
-            buf = self._take(path, size, create=False)
-            if buf is not None:
-                return path, buf
+            got = self._take(os.path.join(self.path, name), size, create=False)
+            if got is not None:
+                return got
+        if used + size > self.budget:
+            # Full: take over the least recently used cache file nobody maps, its pages
+            # reused (shard buffers, where one is about the right size), else delete the
+            # least recently used ones until there is room.
+            cached.sort()
+            for _, name, length, _ in cached if self.prefix == _PREFIX else ():
+                if length <= 2 * size and used + max(0, size - length) <= self.budget:
+                    got = self._take(os.path.join(self.path, name), size, create=False)
+                    if got is not None:
+                        return got
+            for _, name, _, blocks in cached:
+                if used + size <= self.budget:
+                    break
+                if self._remove_if_unclaimed(name):
+                    used -= blocks
         if used + size > self.budget:
             return None
         for n in range(len(slots), len(slots) + 64):
             path = os.path.join(self.path, f"{self.prefix}{n}")
             if not os.path.lexists(path):
-                buf = self._take(path, size, create=True)
-                if buf is not None:
-                    return path, buf
+                got = self._take(path, size, create=True)
+                if got is not None:
+                    return got
         return None
 
-    def _take(self, path: str, size: int, *, create: bool) -> mmap.mmap | None:
+    def _take(self, path: str, size: int, *, create: bool) -> tuple[str, SlotMap] | None:
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = os.open(path, flags, 0o600)
@@ -159,6 +209,13 @@ class SlotDirectory:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return None  # another reader holds it
+            if os.path.basename(path).startswith(CACHE_PREFIX):
+                # Taken over from the cache: a slot's name before a byte changes, so that
+                # no crash leaves other bytes under the cache file's name.
+                renamed = self._rename_to_slot(path, fd)
+                if renamed is None:
+                    return None
+                path = renamed
             length = os.fstat(fd).st_size
             if length < size:
                 try:
@@ -171,9 +228,80 @@ class SlotDirectory:
             if length > 2 * size:
                 return None  # taken by a bigger reader since the scan
             os.utime(fd)  # last claimed (for the idle clean-up)
-            return mmap.mmap(fd, length)  # holds a duplicate of fd, and so the lock
+            buf = SlotMap(fd, length)  # holds a duplicate of fd, and so the lock
+            buf.path = path
+            return path, buf
         finally:
             os.close(fd)
+
+    def _rename_to_slot(self, path: str, fd: int) -> str | None:
+        """Gives the cache file ``path`` (locked through ``fd``) a free ``slot-N`` name."""
+        with contextlib.suppress(OSError):
+            if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+                return None  # replaced by a newer copy since it was opened
+            for n in range(4096):
+                target = os.path.join(self.path, f"{_PREFIX}{n}")
+                try:
+                    os.link(path, target)  # never replaces a file, unlike rename
+                except FileExistsError:
+                    continue
+                os.unlink(path)
+                return target
+        return None
+
+    # ------------------------------------------------------------------ node cache
+    def open_cached(self, key: str, size: int) -> mmap.mmap | None:
+        """A read-only mapping of the node cache's file ``key`` (at least ``size`` bytes,
+        the first ``size`` of them its content), or None: not cached, or held by a process
+        that is writing or has just published it. The mapping holds a shared lock on the
+        file, so no claim takes it over while it is open."""
+        if not self._open_dir():
+            return None
+        path = os.path.join(self.path, CACHE_PREFIX + key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            # Still the file under that name: a claim may have taken this one over (and
+            # filled it with other bytes) between the open and the lock.
+            if os.stat(path, follow_symlinks=False).st_ino != st.st_ino or st.st_size < size:
+                return None
+            os.utime(fd)  # last used, for the least-recently-used take-over
+            return mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def publish(self, buf: mmap.mmap, key: str) -> bool:
+        """Renames the slot behind ``buf`` (a :meth:`claim`, filled with verified content)
+        to the node cache's file ``key``; False if ``buf`` is not a slot or the rename
+        failed. The caller must not write to ``buf`` again; other processes can map the
+        file once ``buf`` is dropped."""
+        path = getattr(buf, "path", None)
+        if not isinstance(buf, SlotMap) or path is None:
+            return False
+        target = os.path.join(self.path, CACHE_PREFIX + key)
+        try:
+            os.rename(path, target)  # replaces an older copy of the same content, if any
+            os.utime(target, follow_symlinks=False)
+        except OSError:
+            return False
+        buf.path = target
+        return True
+
+    def store(self, key: str, data: bytes | bytearray | memoryview) -> bool:
+        """Copies ``data`` (verified content) into a new node cache file ``key``."""
+        size = len(data)
+        buf = self.of_kind(_PREFIX).claim(-(-max(size, 1) // 4096) * 4096)
+        if buf is None:
+            return False
+        with buf:
+            buf[:size] = data
+            return self.publish(buf, key)
 
     def files(self) -> list[SlotFile]:
         """The slot files of every kind in the directory (none if it does not exist)."""
@@ -205,8 +333,10 @@ class SlotDirectory:
             fd = os.open(os.path.join(self.path, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return False
+        # Shared: never blocks a claim long; but cache files are held with shared locks.
+        probe = fcntl.LOCK_EX if name.startswith(CACHE_PREFIX) else fcntl.LOCK_SH
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: never blocks a claim long
+            fcntl.flock(fd, probe | fcntl.LOCK_NB)
             return False
         except OSError:
             return True

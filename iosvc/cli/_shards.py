@@ -124,8 +124,9 @@ def buffers(
         bool, typer.Option("--clear", help="Delete the files no reader holds now.")
     ] = False,
 ) -> None:
-    """Show (or --clear) the memory data loaders keep in tmpfs on this node: received
-    shards (slot-N) and batch arenas (batch-N), reused from one epoch and run to the next."""
+    """Show (or --clear) the memory data loaders keep in tmpfs on this node: shard
+    buffers (slot-N) and batch arenas (batch-N), reused from one epoch and run to the next,
+    and the node cache (cache-KEY: remote shard files kept for the next readers)."""
     from dataloaders._slots import SlotDirectory, default_slot_dir
 
     path = directory or default_slot_dir()
@@ -147,6 +148,10 @@ def buffers(
     budget = f" of {format_size(slots.budget)} allowed" if os.path.isdir(path) else ""
     console.print(f"{path}: {len(files)} files, {format_size(used)}{budget}", highlight=False)
     now = time.time()
+    kinds = {"slot-": "shard buffer", "batch-": "batch arena", "cache-": "node cache"}
     for f in files:
+        kind = next((k for p, k in kinds.items() if f.name.startswith(p)), "")
         state = "in use" if f.in_use else f"free, used {now - f.last_used:.0f} s ago"
-        console.print(f"  {f.name:12} {format_size(f.bytes):>10}  {state}", highlight=False)
+        console.print(
+            f"  {f.name:12} {kind:12} {format_size(f.bytes):>10}  {state}", highlight=False
+        )

@@ -197,7 +197,8 @@ def test_remote_epochs_in_fresh_worker_processes_reuse_the_same_slots(
     # Shard files over POOLED_MIN (what the workers, started afresh, read into buffers).
     samples = [{"image": os.urandom(12 << 10), "label": i % 10, "id": i} for i in range(400)]
     write_shards(samples, iosvc_url, shard_bytes=dataloaders._cache.POOLED_MIN + (200 << 10))
-    ds = StreamingDataset(iosvc_url, seed=3, buffer_dir=slot_path, prefetch=1)
+    # Without the node cache (test_node_cache.py), which would keep the first epoch's files.
+    ds = StreamingDataset(iosvc_url, seed=3, buffer_dir=slot_path, prefetch=1, node_cache=False)
     loader = DataLoader(ds, batch_size=16, num_workers=2)  # new worker processes each epoch
     made: list[list[str]] = []
     for _ in range(2):

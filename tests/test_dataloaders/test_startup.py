@@ -121,7 +121,8 @@ def pooled(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_reused_buffers_never_mix_samples_on_iosvc(iosvc_url: str, pooled: None) -> None:
     samples = make_samples(N)
     write_shards(samples, iosvc_url, shard_bytes=32 << 10)
-    ds = StreamingDataset(iosvc_url, batch_size=BATCH, seed=1, prefetch=1)
+    # The node cache keeps (not reuses) received buffers: test_node_cache.py covers it.
+    ds = StreamingDataset(iosvc_url, batch_size=BATCH, seed=1, prefetch=1, node_cache=False)
     for _ in range(2):
         seen = {}
         pools = set()
