@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dataloaders._blocks import BlockChecker
 from dataloaders._errors import ShardCorrupted, ShardNotFound
 from dataloaders._formats import DecodedShard, get_format
-from dataloaders._fs import join
+from dataloaders._fs import is_local, join
 from dataloaders._manifest import FileEntry, Manifest, ShardEntry
 from dataloaders._slots import SlotDirectory, SlotMap
 
@@ -148,9 +148,9 @@ class ShardFetcher:
         self.pool = pool
         self._client = _read_into_client(fs) if pool is not None else None
         # Remote files are kept in (and read from) the node cache, when the manifest's
-        # checksums can vouch for what is kept; local files are the page cache's already.
-        remote = not isinstance(fs, LocalFileSystem)
-        self.node_cache = node_cache if verify and remote else None
+        # checksums can vouch for what is kept; local files are the page cache's already
+        # (and memory:// ones this process's).
+        self.node_cache = node_cache if verify and not is_local(url) else None
         self.cache_hits = 0  # files mapped from the node cache (a statistic)
 
     async def _read_into(self, paths: list[str]) -> dict[str, Any]:
@@ -302,9 +302,9 @@ class ShardFetcher:
         return out
 
     def _keepable(self, data: Any) -> bool:
-        """Whether the node cache takes ``data``: a slot it was received into, or bytes
-        (files mapped in place from a server on this host, or received into private
-        memory, are not: the first are on this node already)."""
+        """Whether the node cache takes ``data``: a slot it was received into, or bytes.
+        Not files mapped in place from a server on this host (on this node already), nor
+        files received into private memory because the directory was full."""
         owner = data.obj if isinstance(data, memoryview) else data
         return self.node_cache is not None and isinstance(owner, SlotMap | bytes | bytearray)
 

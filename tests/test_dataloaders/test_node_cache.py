@@ -84,13 +84,14 @@ def test_bytes_that_fail_the_manifest_are_never_kept(iosvc_url: str, slot_path: 
 
 
 def test_no_cache_without_checksums_or_for_local_files(
-    iosvc_url: str, local_url: str, slot_path: str
+    iosvc_url: str, local_url: str, memory_url: str, slot_path: str
 ) -> None:
     samples = make_samples(100)
-    write_shards(samples, iosvc_url, shard_bytes=32 << 10)
-    write_shards(samples, local_url, shard_bytes=32 << 10)
+    for url in (iosvc_url, local_url, memory_url):
+        write_shards(samples, url, shard_bytes=32 << 10)
     assert len(list(StreamingDataset(iosvc_url, verify=False, buffer_dir=slot_path))) == 100
     assert len(list(StreamingDataset(local_url, buffer_dir=slot_path))) == 100
+    assert len(list(StreamingDataset(memory_url, buffer_dir=slot_path))) == 100
     assert len(list(StreamingDataset(iosvc_url, node_cache=False, buffer_dir=slot_path))) == 100
     assert _files(slot_path, "cache-") == []
 
