@@ -126,6 +126,12 @@ class _Source:
         return ShardFetcher(fs, root, self.manifest, self.url, verify, pool, whole, cache)
 
 
+def _slot_directory(buffer_dir: str | None, budget: int | None) -> SlotDirectory | None:
+    """The slot directory a dataset's ``buffer_dir`` option names ("auto": the default)."""
+    path = default_slot_dir() if buffer_dir == "auto" else buffer_dir
+    return SlotDirectory(path, budget) if path else None
+
+
 def _pairs(a: np.ndarray, b: np.ndarray, step: int = 4096) -> Iterator[tuple[int, int]]:
     """``zip(a.tolist(), b.tolist())``, converted a slice at a time: the whole arrays of a
     reader's epoch took ~8 ms to convert, on the way to its first batch."""
@@ -589,8 +595,7 @@ class StreamingDataset(IterableDataset[Sample]):
         )
 
     def _slots(self) -> SlotDirectory | None:
-        buffer_dir = default_slot_dir() if self.buffer_dir == "auto" else self.buffer_dir
-        return SlotDirectory(buffer_dir, self.buffer_dir_bytes) if buffer_dir else None
+        return _slot_directory(self.buffer_dir, self.buffer_dir_bytes)
 
     def _arena_batch(
         self, fields: list[tuple[tuple[int, ...], np.dtype[Any]]], extra: int = 0
@@ -717,7 +722,10 @@ class ShardedDataset(Dataset[Sample]):
     Shards are fetched whole (one batched read) and kept in an LRU cache of ``cache_bytes``;
     ``__getitems__`` (used by ``DataLoader`` for a batch) fetches the shards a batch needs in
     one call. Good for evaluation and for random access within a working set; to stream a
-    dataset larger than the cache, use :class:`StreamingDataset`.
+    dataset larger than the cache, use :class:`StreamingDataset`. Remote shard files also go
+    to the node cache, shared by every reader of this user on the node (``buffer_dir``,
+    ``buffer_dir_bytes`` and ``node_cache`` as for :class:`StreamingDataset`), so the
+    DataLoader workers of a shuffled map-style epoch fetch each file over the network once.
     """
 
     def __init__(
@@ -725,12 +733,18 @@ class ShardedDataset(Dataset[Sample]):
         url: str,
         *,
         cache_bytes: int = 512 << 20,
+        buffer_dir: str | None = "auto",
+        buffer_dir_bytes: int | None = None,
+        node_cache: bool = True,
         verify: bool = True,
         transform: Callable[[Sample], Any] | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.url = url
         self.cache_bytes = cache_bytes
+        self.buffer_dir = buffer_dir
+        self.buffer_dir_bytes = buffer_dir_bytes
+        self.node_cache = node_cache
         self.verify = verify
         self.transform = transform
         self._source = _Source(url, storage_options, None)
@@ -779,7 +793,8 @@ class ShardedDataset(Dataset[Sample]):
                 self._cache.move_to_end(shard)
                 out[shard] = cached
         if missing:
-            fetcher = self._source.fetcher(self.verify)
+            slots = _slot_directory(self.buffer_dir, self.buffer_dir_bytes)
+            fetcher = self._source.fetcher(self.verify, slots=slots, node_cache=self.node_cache)
             for shard in missing:
                 decoded = fetcher.load(self.manifest.shards[shard])
                 self._keep(shard, decoded)

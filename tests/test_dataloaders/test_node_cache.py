@@ -13,7 +13,7 @@ import pytest
 
 import dataloaders._cache
 import dataloaders._slots
-from dataloaders import DataLoader, ShardCorrupted, StreamingDataset, write_shards
+from dataloaders import DataLoader, ShardCorrupted, ShardedDataset, StreamingDataset, write_shards
 from dataloaders._slots import SlotDirectory
 
 from .helpers import checked_images, make_samples
@@ -185,3 +185,17 @@ def test_the_buffers_command_lists_cache_files(slot_path: str, iosvc_cli: Any) -
     shown = iosvc_cli("shards", "buffers", "--dir", slot_path)
     assert shown.returncode == 0, shown.stderr
     assert "cache-abc" in shown.stdout and "node cache" in shown.stdout
+
+
+def test_the_map_style_dataset_reads_and_fills_the_node_cache(
+    iosvc_url: str, slot_path: str
+) -> None:
+    samples = make_samples(300)
+    write_shards(samples, iosvc_url, shard_bytes=32 << 10)
+    first = ShardedDataset(iosvc_url, buffer_dir=slot_path)
+    assert [first[i]["image"] for i in range(300)] == [s["image"] for s in samples]
+    assert len(_files(slot_path, "cache-")) == len(_shard_files(iosvc_url))
+    fsspec.filesystem("iosvc").rm(_shard_files(iosvc_url))
+    again = ShardedDataset(iosvc_url, buffer_dir=slot_path)  # a new reader: nothing in memory
+    got = again.__getitems__(list(range(299, -1, -1)))
+    assert [s["image"] for s in got] == [s["image"] for s in reversed(samples)]
