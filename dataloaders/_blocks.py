@@ -13,6 +13,7 @@ before.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,9 +53,18 @@ class BlockChecker:
         Bytes per block.
     where
         The file, for errors.
+    on_failure
+        Called before a failed check raises (e.g. to delete a bad cached copy).
     """
 
-    def __init__(self, data: Any, sums: np.ndarray[Any, Any], block: int, where: str) -> None:
+    def __init__(
+        self,
+        data: Any,
+        sums: np.ndarray[Any, Any],
+        block: int,
+        where: str,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
         self._view = memoryview(data).cast("B")
         n_blocks = -(-len(self._view) // block)
         if len(sums) != n_blocks:
@@ -64,6 +74,7 @@ class BlockChecker:
         self._sums = sums.tolist()
         self._block = block
         self._where = where
+        self._on_failure = on_failure
         self._done = np.zeros(n_blocks, dtype=bool)
         self._lock = threading.Lock()  # decoding threads and the reader may check at once
 
@@ -104,6 +115,8 @@ class BlockChecker:
                 if done[k]:
                     continue
                 if digest(view[k * block : (k + 1) * block]) != sums[k]:
+                    if self._on_failure is not None:
+                        self._on_failure()
                     raise ShardCorrupted(
                         f"{self._where}: bytes {k * block}-{min(len(view), (k + 1) * block)} "
                         "fail their xxh3 checksum (corrupted or rewritten after the manifest)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import mmap
 import os
 import sys
@@ -124,6 +125,18 @@ def _read_into_client(fs: Any) -> Any:
     return None
 
 
+class _CacheCopy:
+    """A node cache file this reader maps; ``content`` is the file's (its first ``size``
+    bytes: the file may be a larger slot)."""
+
+    __slots__ = ("content", "mapping", "path")
+
+    def __init__(self, mapping: SlotMap, size: int) -> None:
+        self.mapping = mapping
+        self.path = mapping.path
+        self.content = memoryview(mapping)[:size]
+
+
 class ShardFetcher:
     """Reads and verifies the files of one shard, then decodes it."""
 
@@ -222,14 +235,14 @@ class ShardFetcher:
         wanted = [*rels, sums_file.path] if sums_file is not None else rels
         paths = [join(self.root, rel) for rel in wanted]
         expected = {f.path: f for f in shard.all_files()}
-        cached = self._cached(wanted, paths, expected)
+        cached = self._cached(wanted, paths, expected, set(rels) if by_blocks else set())
         try:
             got = self._read([p for p in paths if p not in cached])
         except FileNotFoundError as exc:
             raise ShardNotFound(
                 f"shard {shard.name} of {self.url}: a file is missing ({exc})"
             ) from None
-        got.update(cached)
+        got.update({path: copy.content for path, copy in cached.items()})
         out: dict[str, Any] = {}
         for rel, path in zip(wanted, paths, strict=True):
             key = path if path in got else self.fs._strip_protocol(path)
@@ -246,9 +259,10 @@ class ShardFetcher:
                         f"the manifest says {entry.size}"
                     )
                 # Kept in the node cache only once checked whole; else checked block by
-                # block as its samples are read, where the format allows it.
+                # block as its samples are read, where the format allows it. (Node cache
+                # copies: checked the same way, whole ones by _cached.)
                 keep = path not in cached and self._keepable(data)
-                checked_later = by_blocks and rel in rels and not keep
+                checked_later = (by_blocks and rel in rels and not keep) or path in cached
                 if not checked_later and xxhash.xxh3_64_hexdigest(data) != entry.xxh3_64:
                     raise ShardCorrupted(
                         f"shard {shard.name} of {self.url}: {rel} fails its xxh3 checksum "
@@ -263,11 +277,15 @@ class ShardFetcher:
             at = 0
             for rel in rels:
                 n_blocks = -(-len(out[rel]) // shard.block)
+                where = f"shard {shard.name} of {self.url}: {rel}"
+                copy = cached.get(join(self.root, rel))
+                dropped = None
+                if copy is not None and self.node_cache is not None:
+                    # A bad node cache copy must not stay: the next read fetches it anew.
+                    where += f" (its node cache copy {copy.path}, now deleted)"
+                    dropped = functools.partial(self.node_cache.drop, copy.mapping)
                 checks[rel] = BlockChecker(
-                    out[rel],
-                    sums[at : at + n_blocks],
-                    shard.block,
-                    f"shard {shard.name} of {self.url}: {rel}",
+                    out[rel], sums[at : at + n_blocks], shard.block, where, dropped
                 )
                 at += n_blocks
             if at != len(sums):
@@ -286,19 +304,31 @@ class ShardFetcher:
         return xxhash.xxh3_128_hexdigest(text.encode())
 
     def _cached(
-        self, wanted: list[str], paths: list[str], expected: dict[str, FileEntry]
-    ) -> dict[str, Any]:
-        """The files of ``wanted`` the node cache has: path -> their bytes, mapped."""
-        out: dict[str, Any] = {}
+        self,
+        wanted: list[str],
+        paths: list[str],
+        expected: dict[str, FileEntry],
+        by_blocks: set[str],
+    ) -> dict[str, _CacheCopy]:
+        """The files of ``wanted`` the node cache has: path -> their mapping. Files not in
+        ``by_blocks`` (checked block by block as they are read) are checked whole here;
+        a copy that fails is deleted, and the file read from its source instead."""
+        out: dict[str, _CacheCopy] = {}
         if self.node_cache is None:
             return out
         for rel, path in zip(wanted, paths, strict=True):
             entry = expected.get(rel)
-            if entry is not None:
-                mapped = self.node_cache.open_cached(self._cache_key(rel, entry), entry.size)
-                if mapped is not None:
-                    out[path] = memoryview(mapped)[: entry.size]
-                    self.cache_hits += 1
+            if entry is None:
+                continue
+            mapped = self.node_cache.open_cached(self._cache_key(rel, entry), entry.size)
+            if mapped is None:
+                continue
+            copy = _CacheCopy(mapped, entry.size)
+            if rel not in by_blocks and xxhash.xxh3_64_hexdigest(copy.content) != entry.xxh3_64:
+                self.node_cache.drop(mapped)
+                continue
+            out[path] = copy
+            self.cache_hits += 1
         return out
 
     def _keepable(self, data: Any) -> bool:
@@ -314,12 +344,15 @@ class ShardFetcher:
         assert self.node_cache is not None
         key = self._cache_key(rel, entry)
         owner = data.obj if isinstance(data, memoryview) else data
-        if isinstance(owner, SlotMap):
-            if self.pool is not None:
-                self.pool.forget(owner)  # no longer a buffer to reuse
-            self.node_cache.publish(owner, key)
-        else:
-            self.node_cache.store(key, data)
+        try:
+            if isinstance(owner, SlotMap):
+                if self.pool is not None:
+                    self.pool.forget(owner)  # no longer a buffer to reuse
+                self.node_cache.publish(owner, key)
+            else:
+                self.node_cache.store(key, data)
+        except OSError:
+            pass  # the cache is an optimisation: a file not kept is read again next time
 
     def load(self, shard: ShardEntry) -> DecodedShard:
         """The decoded shard. Verified whole before decoding, or (``raw`` and ``arrays``

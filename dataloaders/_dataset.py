@@ -725,7 +725,8 @@ class ShardedDataset(Dataset[Sample]):
     dataset larger than the cache, use :class:`StreamingDataset`. Remote shard files also go
     to the node cache, shared by every reader of this user on the node (``buffer_dir``,
     ``buffer_dir_bytes`` and ``node_cache`` as for :class:`StreamingDataset`), so the
-    DataLoader workers of a shuffled map-style epoch fetch each file over the network once.
+    DataLoader workers of a shuffled map-style epoch fetch each file over the network about
+    once (workers that miss the same file at the same moment each fetch it).
     """
 
     def __init__(
@@ -751,6 +752,7 @@ class ShardedDataset(Dataset[Sample]):
         self._cache: OrderedDict[int, DecodedShard] = OrderedDict()
         self._held = 0
         self._starts: np.ndarray | None = None
+        self._slots: SlotDirectory | None = None  # made on first use
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -793,8 +795,11 @@ class ShardedDataset(Dataset[Sample]):
                 self._cache.move_to_end(shard)
                 out[shard] = cached
         if missing:
-            slots = _slot_directory(self.buffer_dir, self.buffer_dir_bytes)
-            fetcher = self._source.fetcher(self.verify, slots=slots, node_cache=self.node_cache)
+            if self._slots is None:
+                self._slots = _slot_directory(self.buffer_dir, self.buffer_dir_bytes)
+            fetcher = self._source.fetcher(
+                self.verify, slots=self._slots, node_cache=self.node_cache
+            )
             for shard in missing:
                 decoded = fetcher.load(self.manifest.shards[shard])
                 self._keep(shard, decoded)

@@ -62,10 +62,29 @@ def default_slot_dir() -> str | None:
 
 
 class SlotMap(mmap.mmap):
-    """A shared mapping of a slot file, which holds the file's ``flock`` while it is open;
-    ``path`` names the file (it changes when the file is published to the node cache)."""
+    """A shared mapping of a slot or cache file, which holds the file's ``flock`` while it
+    is open; ``path`` names the file (it changes when the file is published to the node
+    cache) and ``ino`` is its inode."""
 
     path: str
+    ino: int
+
+
+def _names(path: str, fd: int) -> bool:
+    """Whether ``path`` is the file open as ``fd`` and its only name.
+
+    Every rename and unlink here is done by a process holding the file's exclusive lock,
+    after this check: a name seen before the lock may have been removed and given to
+    another file meanwhile. A file under two names is one a take-over left half done
+    (crashed between its link and its unlink): neither name is used until the idle
+    clean-up removes the slot name.
+    """
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    own = os.fstat(fd)
+    return st.st_ino == own.st_ino and st.st_dev == own.st_dev and own.st_nlink == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +228,8 @@ class SlotDirectory:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return None  # another reader holds it
+            if not _names(path, fd):
+                return None  # removed (and maybe made again) since it was opened
             if os.path.basename(path).startswith(CACHE_PREFIX):
                 # Taken over from the cache: a slot's name before a byte changes, so that
                 # no crash leaves other bytes under the cache file's name.
@@ -229,28 +250,35 @@ class SlotDirectory:
                 return None  # taken by a bigger reader since the scan
             os.utime(fd)  # last claimed (for the idle clean-up)
             buf = SlotMap(fd, length)  # holds a duplicate of fd, and so the lock
-            buf.path = path
+            buf.path, buf.ino = path, os.fstat(fd).st_ino
             return path, buf
         finally:
             os.close(fd)
 
     def _rename_to_slot(self, path: str, fd: int) -> str | None:
-        """Gives the cache file ``path`` (locked through ``fd``) a free ``slot-N`` name."""
+        """Gives the cache file ``path`` (locked through ``fd``) a free ``slot-N`` name.
+
+        Linked from the descriptor, not the name: a publisher may give the cache name to
+        a newer copy at any moment (``rename`` replaces), and that copy must keep it."""
+        own = f"/proc/self/fd/{fd}"  # linkat(AT_SYMLINK_FOLLOW) of it: this very file
         with contextlib.suppress(OSError):
-            if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
-                return None  # replaced by a newer copy since it was opened
-            for n in range(4096):
-                target = os.path.join(self.path, f"{_PREFIX}{n}")
-                try:
-                    os.link(path, target)  # never replaces a file, unlike rename
-                except FileExistsError:
-                    continue
-                os.unlink(path)
-                return target
+            directory = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for n in range(4096):
+                    name = f"{_PREFIX}{n}"
+                    try:  # never replaces a file, unlike rename
+                        os.link(own, name, src_dir_fd=directory, dst_dir_fd=directory)
+                    except FileExistsError:
+                        continue
+                    if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                        os.unlink(path)
+                    return os.path.join(self.path, name)
+            finally:
+                os.close(directory)
         return None
 
     # ------------------------------------------------------------------ node cache
-    def open_cached(self, key: str, size: int) -> mmap.mmap | None:
+    def open_cached(self, key: str, size: int) -> SlotMap | None:
         """A read-only mapping of the node cache's file ``key`` (at least ``size`` bytes,
         the first ``size`` of them its content), or None: not cached, or held by a process
         that is writing or has just published it. The mapping holds a shared lock on the
@@ -267,10 +295,12 @@ class SlotDirectory:
             st = os.fstat(fd)
             # Still the file under that name: a claim may have taken this one over (and
             # filled it with other bytes) between the open and the lock.
-            if os.stat(path, follow_symlinks=False).st_ino != st.st_ino or st.st_size < size:
+            if not _names(path, fd) or st.st_size < size:
                 return None
             os.utime(fd)  # last used, for the least-recently-used take-over
-            return mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+            buf = SlotMap(fd, st.st_size, access=mmap.ACCESS_READ)
+            buf.path, buf.ino = path, st.st_ino
+            return buf
         except OSError:
             return None
         finally:
@@ -281,17 +311,24 @@ class SlotDirectory:
         to the node cache's file ``key``; False if ``buf`` is not a slot or the rename
         failed. The caller must not write to ``buf`` again; other processes can map the
         file once ``buf`` is dropped."""
-        path = getattr(buf, "path", None)
-        if not isinstance(buf, SlotMap) or path is None:
+        if not isinstance(buf, SlotMap) or buf.closed or not buf.path.startswith(self.path):
             return False
         target = os.path.join(self.path, CACHE_PREFIX + key)
         try:
-            os.rename(path, target)  # replaces an older copy of the same content, if any
+            if os.stat(buf.path, follow_symlinks=False).st_ino != buf.ino:
+                return False  # not the name of this buffer's file (never expected)
+            os.rename(buf.path, target)  # replaces an older copy of the same content
             os.utime(target, follow_symlinks=False)
         except OSError:
             return False
         buf.path = target
         return True
+
+    def drop(self, buf: SlotMap) -> None:
+        """Deletes the cache file ``buf`` maps (found corrupt), if its name is still its."""
+        with contextlib.suppress(OSError):
+            if os.stat(buf.path, follow_symlinks=False).st_ino == buf.ino:
+                os.unlink(buf.path)
 
     def store(self, key: str, data: bytes | bytearray | memoryview) -> bool:
         """Copies ``data`` (verified content) into a new node cache file ``key``."""
@@ -351,6 +388,8 @@ class SlotDirectory:
             return True  # gone already
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
+                return False  # the name went to another file since it was opened
             os.unlink(path)
             return True
         except OSError:

@@ -141,12 +141,15 @@ def buffers(
             f"{path}: freed {format_size(freed)}; {len(kept)} files in use kept "
             f"({format_size(sum(f.bytes for f in kept))})",
             highlight=False,
+            soft_wrap=True,
         )
         return
     files = slots.files()
     used = sum(f.bytes for f in files)
     budget = f" of {format_size(slots.budget)} allowed" if os.path.isdir(path) else ""
-    console.print(f"{path}: {len(files)} files, {format_size(used)}{budget}", highlight=False)
+    console.print(
+        f"{path}: {len(files)} files, {format_size(used)}{budget}", highlight=False, soft_wrap=True
+    )
     now = time.time()
     kinds = {"slot-": "shard buffer", "batch-": "batch arena", "cache-": "node cache"}
     for f in files:

@@ -16,7 +16,7 @@ import dataloaders._slots
 from dataloaders import DataLoader, ShardCorrupted, ShardedDataset, StreamingDataset, write_shards
 from dataloaders._slots import SlotDirectory
 
-from .helpers import checked_images, make_samples
+from .helpers import checked_images, corrupt, make_samples
 
 MiB = 1 << 20
 
@@ -63,7 +63,10 @@ def test_a_rewritten_dataset_is_read_anew(iosvc_url: str, slot_path: str) -> Non
     assert {s["id"]: s["image"] for s in ds} == {s["id"]: s["image"] for s in second}
 
 
-def test_bytes_that_fail_the_manifest_are_never_kept(iosvc_url: str, slot_path: str) -> None:
+def test_bytes_that_fail_the_manifest_are_never_kept(
+    iosvc_url: str, slot_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataloaders._cache, "POOLED_MIN", 0)  # data files received into slots
     write_shards(make_samples(200), iosvc_url, shard_bytes=32 << 10)
     fs = fsspec.filesystem("iosvc")
     path = iosvc_url + "/shard-00002.raw"
@@ -170,11 +173,31 @@ def test_a_dataset_larger_than_the_budget_cycles_through_it_intact(
     budget = summary.bytes // 3  # a third of the dataset (plus the batch arenas') fits
     ds = StreamingDataset(iosvc_url, seed=5, buffer_dir=slot_path, buffer_dir_bytes=budget)
     loader = DataLoader(ds, batch_size=32, num_workers=2)
+    kept = []
     for _ in range(3):
         assert checked_images(loader, samples) == 600
         held = sum(f.bytes for f in SlotDirectory(slot_path).files())
         assert held <= budget + (256 << 10)  # racing claims may pass it by a slot
-    assert _files(slot_path, "cache-")
+        kept.append(set(_files(slot_path, "cache-")))
+    assert kept[0] and kept[1] != kept[0]  # files were taken over for others
+    # What the cache holds is read from it: a shard it holds whole, gone from the servers,
+    # still reads (map-style, so that this one shard is all that is read).
+    ds = StreamingDataset(iosvc_url, buffer_dir=slot_path)
+    fetcher = ds._source.fetcher(verify=True, node_cache=True, slots=SlotDirectory(slot_path))
+    held = [
+        k
+        for k, shard in enumerate(ds.manifest.shards)
+        if all(
+            os.path.exists(os.path.join(slot_path, "cache-" + fetcher._cache_key(f.path, f)))
+            for f in shard.all_files()
+        )
+    ]
+    assert held
+    shard = ds.manifest.shards[held[0]]
+    fsspec.filesystem("iosvc").rm([f"{iosvc_url}/{f.path}" for f in shard.all_files()])
+    first = sum(ds.manifest.counts[: held[0]])
+    got = ShardedDataset(iosvc_url, buffer_dir=slot_path)[first]
+    assert got["image"] == samples[first]["image"]
 
 
 def test_the_buffers_command_lists_cache_files(slot_path: str, iosvc_cli: Any) -> None:
@@ -199,3 +222,121 @@ def test_the_map_style_dataset_reads_and_fills_the_node_cache(
     again = ShardedDataset(iosvc_url, buffer_dir=slot_path)  # a new reader: nothing in memory
     got = again.__getitems__(list(range(299, -1, -1)))
     assert [s["image"] for s in got] == [s["image"] for s in reversed(samples)]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_take_over_links_its_own_file_even_if_the_name_was_published_again(
+    slot_path: str, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    slots = SlotDirectory(slot_path, budget=4 * MiB)
+    old = slots.claim(2 * MiB)
+    assert old is not None
+    old[:3] = b"old"
+    assert slots.publish(old, "k")
+    old.close()
+    real_link = os.link
+    raced: list[Any] = []
+
+    def publish_k_again() -> None:
+        other = SlotDirectory(slot_path, budget=64 * MiB)
+        new = other.claim(MiB)
+        assert new is not None
+        new[:3] = b"new"
+        assert other.publish(new, "k")  # gives the name cache-k to another file
+        new.close()
+
+    def link_around_a_publish(src: Any, dst: Any, **kwargs: Any) -> None:
+        # The taker holds cache-k's first file and links it as a slot: another reader
+        # publishes k again just before, or just after.
+        first = not raced
+        raced.append(True)
+        if first and when == "before":
+            publish_k_again()
+        real_link(src, dst, **kwargs)  # fails for "before": the file has no name left
+        if first and when == "after":
+            publish_k_again()
+
+    monkeypatch.setattr(os, "link", link_around_a_publish)
+    taken = SlotDirectory(slot_path, budget=3 * MiB).claim(2 * MiB)  # full: takes over k
+    monkeypatch.undo()
+    assert raced and taken is not None
+    # The taker's slot name is its own file, never the newer copy (which a name-based link
+    # would have taken, and which the taker would then have published as other content).
+    assert os.stat(taken.path).st_ino == taken.ino
+    taken[:3] = b"xyz"
+    got = slots.open_cached("k", 3)
+    if when == "after":  # the newer copy keeps its name
+        assert got is not None and got[:3] == b"new"
+    else:  # the take-over gave up on the file; the claim made room by deleting cache-k
+        assert got is None
+
+
+def test_a_file_under_two_names_is_neither_read_from_the_cache_nor_claimed(
+    slot_path: str,
+) -> None:
+    slots = SlotDirectory(slot_path, budget=8 * MiB)
+    buf = slots.claim(MiB)
+    assert buf is not None and slots.publish(buf, "k")
+    buf.close()
+    # A take-over that crashed between its link and its unlink.
+    os.link(os.path.join(slot_path, "cache-k"), os.path.join(slot_path, "slot-7"))
+    assert slots.open_cached("k", 1) is None
+    fresh = slots.claim(MiB)
+    assert fresh is not None and fresh.path != os.path.join(slot_path, "slot-7")
+
+
+def _cache_file(slot_path: str, url: str, rel: str) -> str:
+    ds = StreamingDataset(url, buffer_dir=slot_path)
+    fetcher = ds._source.fetcher(verify=True, node_cache=True, slots=SlotDirectory(slot_path))
+    entry = next(f for s in ds.manifest.shards for f in s.all_files() if f.path == rel)
+    return os.path.join(slot_path, "cache-" + fetcher._cache_key(rel, entry))
+
+
+def test_a_corrupt_cache_file_is_dropped_and_read_again_from_the_servers(
+    iosvc_url: str, slot_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataloaders._cache, "POOLED_MIN", 0)  # data files received into slots
+    samples = make_samples(200)
+    write_shards(samples, iosvc_url, shard_bytes=32 << 10)
+    assert len(list(StreamingDataset(iosvc_url, buffer_dir=slot_path))) == 200
+    data_file = _cache_file(slot_path, iosvc_url, "shard-00002.raw")  # checked by blocks
+    sums_file = _cache_file(slot_path, iosvc_url, "shard-00001.xxh3")  # checked whole
+    for path in (data_file, sums_file):
+        corrupt(path, 5)
+    ds = StreamingDataset(iosvc_url, shuffle=False, buffer_dir=slot_path)
+    got: dict[int, bytes] = {}
+    with pytest.raises(ShardCorrupted, match=r"shard-00002.*node cache copy .*deleted"):
+        for sample in ds:
+            got[sample["id"]] = sample["image"]
+    # Shard 1 read on: its checksums file was read again from the servers, and kept anew.
+    assert len(got) > 20 and all(samples[i]["image"] == image for i, image in got.items())
+    sums = fsspec.filesystem("iosvc").cat_file(iosvc_url + "/shard-00001.xxh3")
+    assert Path(sums_file).read_bytes()[: len(sums)] == sums
+    assert not os.path.exists(data_file)  # dropped: the next reader fetches it anew
+    ds = StreamingDataset(iosvc_url, buffer_dir=slot_path)
+    assert {s["id"]: s["image"] for s in ds} == {s["id"]: s["image"] for s in samples}
+
+
+def test_a_name_given_to_another_file_meanwhile_is_not_removed(
+    slot_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slots = SlotDirectory(slot_path, budget=8 * MiB)
+    idle = slots.claim(MiB)
+    assert idle is not None
+    idle.close()  # slot-0, free: clear() removes it...
+    real_flock = fcntl.flock
+    held: list[Any] = []
+
+    def meanwhile(fd: int, op: int) -> None:
+        if op & fcntl.LOCK_EX and not held:  # ...but first, others remove and remake it
+            held.append(None)
+            os.unlink(os.path.join(slot_path, "slot-0"))
+            held[0] = SlotDirectory(slot_path, budget=8 * MiB).claim(MiB)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(dataloaders._slots.fcntl, "flock", meanwhile)
+    slots.clear()
+    monkeypatch.undo()
+    (remade,) = held
+    assert remade is not None and remade.path == os.path.join(slot_path, "slot-0")
+    assert os.stat(remade.path).st_ino == remade.ino  # its name was left alone
