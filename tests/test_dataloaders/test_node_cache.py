@@ -30,6 +30,15 @@ def _files(path: str, kind: str) -> list[str]:
     return sorted(n for n in os.listdir(path) if n.startswith(kind)) if os.path.isdir(path) else []
 
 
+def _publish(slots: SlotDirectory, key: str, content: bytes, size: int = MiB) -> None:
+    """A node cache file ``key`` of ``size`` bytes starting with ``content``, nobody's."""
+    buf = slots.claim(size)
+    assert buf is not None
+    buf[: len(content)] = content
+    assert slots.publish(buf, key)
+    buf.close()
+
+
 def _shard_files(url: str) -> list[str]:
     fs = fsspec.filesystem("iosvc")
     return [p for p in fs.ls(url, detail=False) if not p.endswith("manifest.json")]
@@ -104,11 +113,7 @@ def test_a_full_budget_takes_over_the_least_recently_used_file_nobody_maps(
 ) -> None:
     slots = SlotDirectory(slot_path, budget=8 * MiB)
     for key in ("a", "b", "c"):
-        buf = slots.claim(2 * MiB)
-        assert buf is not None
-        buf[:1] = key.encode()
-        assert slots.publish(buf, key)
-        buf.close()
+        _publish(slots, key, key.encode(), 2 * MiB)
     held = slots.open_cached("b", 2 * MiB)  # mapped: never taken over
     assert held is not None and held[:1] == b"b"
     now = os.stat(os.path.join(slot_path, "cache-a")).st_mtime
@@ -127,9 +132,7 @@ def test_a_full_budget_takes_over_the_least_recently_used_file_nobody_maps(
 
 def test_a_batch_arena_claim_makes_room_by_deleting_cache_files(slot_path: str) -> None:
     slots = SlotDirectory(slot_path, budget=4 * MiB)
-    buf = slots.claim(3 * MiB)
-    assert buf is not None and slots.publish(buf, "a")
-    buf.close()
+    _publish(slots, "a", b"a", 3 * MiB)
     arena = slots.of_kind("batch-").claim(2 * MiB)
     assert arena is not None and _files(slot_path, "cache-") == []
 
@@ -138,11 +141,7 @@ def test_a_file_taken_over_between_open_and_lock_is_not_read_as_the_cached_one(
     slot_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slots = SlotDirectory(slot_path, budget=4 * MiB)
-    buf = slots.claim(2 * MiB)
-    assert buf is not None
-    buf[:5] = b"first"
-    assert slots.publish(buf, "k")
-    buf.close()
+    _publish(slots, "k", b"first", 2 * MiB)
     real_flock = fcntl.flock
     raced: list[Any] = []
 
@@ -150,11 +149,8 @@ def test_a_file_taken_over_between_open_and_lock_is_not_read_as_the_cached_one(
         if op & fcntl.LOCK_SH and not raced:  # the reader opened cache-k; before its lock:
             raced.append(True)
             other = SlotDirectory(slot_path, budget=2 * MiB)  # full: takes over cache-k
-            taken = other.claim(2 * MiB)
-            assert taken is not None and not os.path.exists(os.path.join(slot_path, "cache-k"))
-            taken[:5] = b"other"
-            assert other.publish(taken, "k2")
-            taken.close()
+            _publish(other, "k2", b"other", 2 * MiB)
+            assert not os.path.exists(os.path.join(slot_path, "cache-k"))
         real_flock(fd, op)
 
     monkeypatch.setattr(dataloaders._slots.fcntl, "flock", flock_after_a_take_over)
@@ -202,9 +198,7 @@ def test_a_dataset_larger_than_the_budget_cycles_through_it_intact(
 
 def test_the_buffers_command_lists_cache_files(slot_path: str, iosvc_cli: Any) -> None:
     slots = SlotDirectory(slot_path, budget=8 * MiB)
-    buf = slots.claim(MiB)
-    assert buf is not None and slots.publish(buf, "abc")
-    buf.close()
+    _publish(slots, "abc", b"abc")
     shown = iosvc_cli("shards", "buffers", "--dir", slot_path)
     assert shown.returncode == 0, shown.stderr
     assert "cache-abc" in shown.stdout and "node cache" in shown.stdout
@@ -229,21 +223,12 @@ def test_a_take_over_links_its_own_file_even_if_the_name_was_published_again(
     slot_path: str, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
     slots = SlotDirectory(slot_path, budget=4 * MiB)
-    old = slots.claim(2 * MiB)
-    assert old is not None
-    old[:3] = b"old"
-    assert slots.publish(old, "k")
-    old.close()
+    _publish(slots, "k", b"old", 2 * MiB)
     real_link = os.link
     raced: list[Any] = []
 
-    def publish_k_again() -> None:
-        other = SlotDirectory(slot_path, budget=64 * MiB)
-        new = other.claim(MiB)
-        assert new is not None
-        new[:3] = b"new"
-        assert other.publish(new, "k")  # gives the name cache-k to another file
-        new.close()
+    def publish_k_again() -> None:  # gives the name cache-k to another file
+        _publish(SlotDirectory(slot_path, budget=64 * MiB), "k", b"new")
 
     def link_around_a_publish(src: Any, dst: Any, **kwargs: Any) -> None:
         # The taker holds cache-k's first file and links it as a slot: another reader
@@ -275,9 +260,7 @@ def test_a_file_under_two_names_is_neither_read_from_the_cache_nor_claimed(
     slot_path: str,
 ) -> None:
     slots = SlotDirectory(slot_path, budget=8 * MiB)
-    buf = slots.claim(MiB)
-    assert buf is not None and slots.publish(buf, "k")
-    buf.close()
+    _publish(slots, "k", b"k")
     # A take-over that crashed between its link and its unlink.
     os.link(os.path.join(slot_path, "cache-k"), os.path.join(slot_path, "slot-7"))
     assert slots.open_cached("k", 1) is None
