@@ -25,10 +25,13 @@ reader of the same file on this node maps it (:meth:`SlotDirectory.open_cached`)
 reading it over the network, as MosaicML streaming's and LitData's local caches do, but in
 memory and within the same node-wide budget. A reader holds a shared ``flock`` on the cache
 file it maps; a claim that finds the budget full takes over the least recently used cache
-file nobody maps (exclusive ``flock``), renamed back to a slot first, so its pages are reused
-and no crash leaves other bytes under a cache name. A process keeps its exclusive lock on a
-file it published until it has dropped it, so no other process maps it before then. Cache
-files nobody used for ``cache_idle`` seconds (1 h) are deleted by the next claim.
+file nobody maps (exclusive ``flock``), given a slot name first (linked from its descriptor)
+so its pages are reused and no crash leaves other bytes under a cache name. Names are only
+renamed or unlinked by the holder of their file's exclusive lock, after checking that they
+still name that file (see ``_names``). A process keeps its exclusive lock on a file it
+published until it has dropped it, so no other process maps it before then. Cache files
+nobody used for ``cache_idle`` seconds (1 h) are deleted by the next claim; a copy that fails
+its checksum is deleted by the reader that found it (:meth:`SlotDirectory.drop`).
 """
 
 from __future__ import annotations
