@@ -230,19 +230,15 @@ def demo_dataloaders() -> None:
         {"image": images, "label": labels}, url, shard_bytes=32 << 10, overwrite=True
     )
     console.print(f"{name}: {summary}", highlight=False)
-    if _has_shards_cli():  # once `iosvc shards` is registered in the CLI
-        sh("shards", "info", url)
+    sh("shards", "info", url)
     with socket.socket() as s:  # a free port for the process group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # spawn, not fork: this process has used iosvc's gRPC client, which cannot be forked.
     mp.spawn(_ddp_train, args=(url, port, 2), nprocs=2, join=True)  # type: ignore[attr-defined,no-untyped-call]
-
-
-def _has_shards_cli() -> bool:
-    from iosvc.cli._app import app
-
-    return any(group.name == "shards" for group in app.registered_groups)
+    # The shards read were kept in the node cache (tmpfs) for the next readers on this
+    # node; what a Slurm epilog would do once the job is over:
+    sh("shards", "buffers", "--clear")
 
 
 if __name__ == "__main__":
