@@ -205,7 +205,10 @@ def test_remote_epochs_in_fresh_worker_processes_reuse_the_same_slots(
         assert checked_images(loader, samples) == 400
         made.append(_slots(slot_path))
     assert made[0], "no slot was used"
-    assert made[1] == made[0]  # the second epoch's workers claimed the first's slots
+    # The second epoch's workers claimed the first's slots (without reuse they would have
+    # made as many again). One more is allowed: two workers that scan at once may race for
+    # the last free slot, and the loser makes a new one.
+    assert set(made[0]) <= set(made[1]) and len(made[1]) <= len(made[0]) + 1
 
 
 def test_the_buffers_command_lists_and_clears_only_what_no_reader_holds(
