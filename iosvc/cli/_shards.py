@@ -123,6 +123,9 @@ def buffers(
     clear: Annotated[
         bool, typer.Option("--clear", help="Delete the files no reader holds now.")
     ] = False,
+    each: Annotated[
+        bool, typer.Option("--files", help="List every file, not a line per kind.")
+    ] = False,
 ) -> None:
     """Show (or --clear) the memory data loaders keep in tmpfs on this node: shard
     buffers (slot-N) and batch arenas (batch-N), reused from one epoch and run to the next,
@@ -152,9 +155,21 @@ def buffers(
     )
     now = time.time()
     kinds = {"slot-": "shard buffer", "batch-": "batch arena", "cache-": "node cache"}
-    for f in files:
-        kind = next((k for p, k in kinds.items() if f.name.startswith(p)), "")
-        state = "in use" if f.in_use else f"free, used {now - f.last_used:.0f} s ago"
-        console.print(
-            f"  {f.name:12} {kind:12} {format_size(f.bytes):>10}  {state}", highlight=False
-        )
+    if each:
+        for f in files:
+            kind = next((k for p, k in kinds.items() if f.name.startswith(p)), "")
+            state = "in use" if f.in_use else f"free, used {now - f.last_used:.0f} s ago"
+            console.print(
+                f"  {f.name:12} {kind:12} {format_size(f.bytes):>10}  {state}", highlight=False
+            )
+        return
+    for prefix, kind in kinds.items():  # a node cache may hold thousands of files
+        group = [f for f in files if f.name.startswith(prefix)]
+        if group:
+            in_use = sum(f.in_use for f in group)
+            last = now - max(f.last_used for f in group)
+            console.print(
+                f"  {kind:12} {len(group):>6} files {format_size(sum(f.bytes for f in group)):>10}"
+                f"  {in_use} in use, last used {last:.0f} s ago",
+                highlight=False,
+            )

@@ -199,8 +199,12 @@ def test_a_dataset_larger_than_the_budget_cycles_through_it_intact(
 def test_the_buffers_command_lists_cache_files(slot_path: str, iosvc_cli: Any) -> None:
     slots = SlotDirectory(slot_path, budget=8 * MiB)
     _publish(slots, "abc", b"abc")
-    shown = iosvc_cli("shards", "buffers", "--dir", slot_path)
-    assert shown.returncode == 0, shown.stderr
+    summary = iosvc_cli("shards", "buffers", "--dir", slot_path)
+    assert summary.returncode == 0, summary.stderr
+    (kind,) = [line for line in summary.stdout.splitlines() if "node cache" in line]
+    assert "1 files" in kind and "1MiB" in kind and "0 in use" in kind
+    assert "cache-abc" not in summary.stdout  # a line per kind, not per file
+    shown = iosvc_cli("shards", "buffers", "--dir", slot_path, "--files")
     assert "cache-abc" in shown.stdout and "node cache" in shown.stdout
 
 

@@ -219,9 +219,13 @@ def test_the_buffers_command_lists_and_clears_only_what_no_reader_holds(
     free = slots.claim(MiB)
     assert held is not None and free is not None
     free.close()
-    shown = iosvc_cli("shards", "buffers", "--dir", slot_path)
+    summary = iosvc_cli("shards", "buffers", "--dir", slot_path)
+    assert summary.returncode == 0, summary.stderr
+    assert "2 files, 3MiB of" in summary.stdout and "allowed" in summary.stdout
+    (kind,) = [line for line in summary.stdout.splitlines() if "shard buffer" in line]
+    assert "2 files" in kind and "3MiB" in kind and "1 in use" in kind
+    shown = iosvc_cli("shards", "buffers", "--dir", slot_path, "--files")
     assert shown.returncode == 0, shown.stderr
-    assert "2 files, 3MiB of" in shown.stdout and "allowed" in shown.stdout
     lines = {line.split()[0]: line for line in shown.stdout.splitlines()[1:]}
     assert "in use" in lines["slot-0"] and "free" in lines["slot-1"]
     cleared = iosvc_cli("shards", "buffers", "--dir", slot_path, "--clear")
