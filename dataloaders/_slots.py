@@ -90,6 +90,19 @@ def _names(path: str, fd: int) -> bool:
     return st.st_ino == own.st_ino and st.st_dev == own.st_dev and own.st_nlink == 1
 
 
+def _unlink_if(path: str, ino: int) -> bool:
+    """Unlinks ``path`` if it still names the file ``ino``; False if the name went to another
+    file meanwhile (or is gone). Only the holder of that file's exclusive lock, or a reader
+    that found the file bad, calls it."""
+    try:
+        if os.stat(path, follow_symlinks=False).st_ino != ino:
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class SlotFile:
     """One file of a slot directory, as :meth:`SlotDirectory.files` lists it."""
@@ -273,8 +286,7 @@ class SlotDirectory:
                         os.link(own, name, src_dir_fd=directory, dst_dir_fd=directory)
                     except FileExistsError:
                         continue
-                    if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
-                        os.unlink(path)
+                    _unlink_if(path, os.fstat(fd).st_ino)  # unless a newer copy has it
                     return os.path.join(self.path, name)
             finally:
                 os.close(directory)
@@ -329,9 +341,7 @@ class SlotDirectory:
 
     def drop(self, buf: SlotMap) -> None:
         """Deletes the cache file ``buf`` maps (found corrupt), if its name is still its."""
-        with contextlib.suppress(OSError):
-            if os.stat(buf.path, follow_symlinks=False).st_ino == buf.ino:
-                os.unlink(buf.path)
+        _unlink_if(buf.path, buf.ino)
 
     def store(self, key: str, data: bytes | bytearray | memoryview) -> bool:
         """Copies ``data`` (verified content) into a new node cache file ``key``."""
@@ -391,10 +401,7 @@ class SlotDirectory:
             return True  # gone already
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.stat(path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino:
-                return False  # the name went to another file since it was opened
-            os.unlink(path)
-            return True
+            return _unlink_if(path, os.fstat(fd).st_ino)  # the name may be another's now
         except OSError:
             return False  # in use: not idle after all
         finally:
