@@ -129,11 +129,10 @@ class _CacheCopy:
     """A node cache file this reader maps; ``content`` is the file's (its first ``size``
     bytes: the file may be a larger slot)."""
 
-    __slots__ = ("content", "mapping", "path")
+    __slots__ = ("content", "mapping")
 
     def __init__(self, mapping: SlotMap, size: int) -> None:
         self.mapping = mapping
-        self.path = mapping.path
         self.content = memoryview(mapping)[:size]
 
 
@@ -261,15 +260,15 @@ class ShardFetcher:
                 # Kept in the node cache only once checked whole; else checked block by
                 # block as its samples are read, where the format allows it. (Node cache
                 # copies: checked the same way, whole ones by _cached.)
-                keep = path not in cached and self._keepable(data)
-                checked_later = (by_blocks and rel in rels and not keep) or path in cached
+                keep = None if path in cached else self._keepable(data)
+                checked_later = (by_blocks and rel in rels and keep is None) or path in cached
                 if not checked_later and xxhash.xxh3_64_hexdigest(data) != entry.xxh3_64:
                     raise ShardCorrupted(
                         f"shard {shard.name} of {self.url}: {rel} fails its xxh3 checksum "
                         "(corrupted or rewritten after the manifest)"
                     )
-                if keep:
-                    self._keep(rel, entry, data)
+                if keep is not None:
+                    self._keep(rel, entry, keep, data)
             out[rel] = data
         checks: dict[str, BlockChecker] = {}
         if sums_file is not None:
@@ -282,7 +281,7 @@ class ShardFetcher:
                 dropped = None
                 if copy is not None and self.node_cache is not None:
                     # A bad node cache copy must not stay: the next read fetches it anew.
-                    where += f" (its node cache copy {copy.path}, now deleted)"
+                    where += f" (its node cache copy {copy.mapping.path}, now deleted)"
                     dropped = functools.partial(self.node_cache.drop, copy.mapping)
                 checks[rel] = BlockChecker(
                     out[rel], sums[at : at + n_blocks], shard.block, where, dropped
@@ -331,19 +330,20 @@ class ShardFetcher:
             self.cache_hits += 1
         return out
 
-    def _keepable(self, data: Any) -> bool:
-        """Whether the node cache takes ``data``: a slot it was received into, or bytes.
-        Not files mapped in place from a server on this host (on this node already), nor
-        files received into private memory because the directory was full."""
+    def _keepable(self, data: Any) -> Any:
+        """What holds ``data`` if the node cache takes it (a slot it was received into, or
+        bytes), else None. Not files mapped in place from a server on this host (on this
+        node already), nor files received into private memory because the directory was
+        full."""
         owner = data.obj if isinstance(data, memoryview) else data
-        return self.node_cache is not None and isinstance(owner, SlotMap | bytes | bytearray)
+        keepable = self.node_cache is not None and isinstance(owner, SlotMap | bytes | bytearray)
+        return owner if keepable else None
 
-    def _keep(self, rel: str, entry: FileEntry, data: Any) -> None:
-        """Puts a file just read and checked whole into the node cache: a slot is renamed
-        (no copy), bytes are copied into one."""
+    def _keep(self, rel: str, entry: FileEntry, owner: Any, data: Any) -> None:
+        """Puts a file just read and checked whole into the node cache: its slot (``owner``)
+        is renamed (no copy), bytes are copied into one."""
         assert self.node_cache is not None
         key = self._cache_key(rel, entry)
-        owner = data.obj if isinstance(data, memoryview) else data
         try:
             if isinstance(owner, SlotMap):
                 if self.pool is not None:
