@@ -43,12 +43,13 @@ import os
 import time
 from dataclasses import dataclass
 
-__all__ = ["SlotDirectory", "SlotFile", "SlotMap", "default_slot_dir"]
+__all__ = ["KINDS", "SlotDirectory", "SlotFile", "SlotMap", "default_slot_dir"]
 
 _PREFIX = "slot-"
 CACHE_PREFIX = "cache-"
-# Every kind of file, for the budget and the idle clean-up.
-_KINDS = (_PREFIX, "batch-", CACHE_PREFIX)
+# Every kind of file (its name's prefix: what it is), for the budget and the idle clean-up.
+KINDS = {_PREFIX: "shard buffer", "batch-": "batch arena", CACHE_PREFIX: "node cache"}
+_KINDS = tuple(KINDS)
 IDLE_S = 600.0
 CACHE_IDLE_S = 3600.0  # longer: an epoch may take this long before it reads a file again
 

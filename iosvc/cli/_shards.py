@@ -130,7 +130,7 @@ def buffers(
     """Show (or --clear) the memory data loaders keep in tmpfs on this node: shard
     buffers (slot-N) and batch arenas (batch-N), reused from one epoch and run to the next,
     and the node cache (cache-KEY: remote shard files kept for the next readers)."""
-    from dataloaders._slots import SlotDirectory, default_slot_dir
+    from dataloaders._slots import KINDS, SlotDirectory, default_slot_dir
 
     path = directory or default_slot_dir()
     if path is None:
@@ -154,16 +154,15 @@ def buffers(
         f"{path}: {len(files)} files, {format_size(used)}{budget}", highlight=False, soft_wrap=True
     )
     now = time.time()
-    kinds = {"slot-": "shard buffer", "batch-": "batch arena", "cache-": "node cache"}
     if each:
         for f in files:
-            kind = next((k for p, k in kinds.items() if f.name.startswith(p)), "")
+            kind = next((k for p, k in KINDS.items() if f.name.startswith(p)), "")
             state = "in use" if f.in_use else f"free, used {now - f.last_used:.0f} s ago"
             console.print(
                 f"  {f.name:12} {kind:12} {format_size(f.bytes):>10}  {state}", highlight=False
             )
         return
-    for prefix, kind in kinds.items():  # a node cache may hold thousands of files
+    for prefix, kind in KINDS.items():  # a node cache may hold thousands of files
         group = [f for f in files if f.name.startswith(prefix)]
         if group:
             in_use = sum(f.in_use for f in group)
