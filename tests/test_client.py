@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 import pytest
 
@@ -79,6 +80,36 @@ def test_read_many_mixes_small_and_multi_chunk_files(small_chunks: Client, prefi
     small_chunks.write(f"{prefix}/big", big)
     small_chunks.write(f"{prefix}/small", b"tiny")
     assert small_chunks.read_many([f"{prefix}/small", f"{prefix}/big"]) == [b"tiny", big]
+
+
+def test_a_whole_small_file_is_read_in_one_call(
+    small_chunks: Client, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-file read asks the file's home server once: a single-chunk file comes back
+    inline, a larger one's record comes back instead of a separate stat."""
+    small_chunks.write(f"{prefix}/small", b"tiny")
+    big = os.urandom(3 * CS + 5)
+    small_chunks.write(f"{prefix}/big", big)
+    ops: list[str] = []
+    call = small_chunks.aio.call
+
+    async def counted(server: int, header: dict[str, Any], payload: Any = b"") -> Any:
+        ops.append(header["op"])
+        return await call(server, header, payload)
+
+    monkeypatch.setattr(small_chunks.aio, "call", counted)
+    assert small_chunks.read(f"{prefix}/small") == b"tiny"
+    assert ops == ["read_small"]
+    ops.clear()
+    assert small_chunks.read(f"{prefix}/big") == big
+    assert "stat" not in ops and ops[0] == "read_small"
+    # Ranges still read just their bytes; missing files and directories keep their errors
+    # (a directory's files may all live on other servers than its name's home).
+    assert small_chunks.read(f"{prefix}/big", 7, CS + 9) == big[7 : CS + 9]
+    with pytest.raises(NotFound):
+        small_chunks.read(f"{prefix}/missing")
+    with pytest.raises(IsADirectory):
+        small_chunks.read(prefix)
 
 
 def test_ls_info_dirs_and_rm(client: Client, prefix: str) -> None:

@@ -191,9 +191,11 @@ class AsyncClient:
         self._channels: dict[int, grpc.aio.Channel] = {}
         # Servers whose chunk files this client may not read in place (another user's).
         self._not_in_place: set[int] = set()
-        # Servers that answered an offer to read in place with bytes: not on this host, or
-        # not keeping chunks in files (so mapping their files is not worth trying).
+        # Servers that answered an offer to read in place with bytes, or said (endpoints)
+        # they would: not on this host, or not keeping chunks in files (so mapping their
+        # files is not worth trying). And servers that said they could be read in place.
         self._sends_bytes: set[int] = set()
+        self._can_map: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Bulk reads and writes go over the servers' data ports (plain TCP, see
         # iosvc.dataplane) unless the cluster uses TLS (then gRPC encrypts them) or
@@ -278,11 +280,15 @@ class AsyncClient:
         return wire.unpack(await self._retry(server, attempt))
 
     async def _ask_data_port(self, server: int) -> tuple[int, str] | None:
-        """The server's data port and instance id (None: it has no data port)."""
+        """The server's data port and instance id (None: it has no data port); notes
+        whether its chunks can be read in place from this host."""
         try:
             reply, _ = await self.call(server, {"op": "endpoints"})
         except InvalidArgument:  # a server older than the data plane
             return None
+        if "in_place_host" in reply:  # (older servers do not say: learnt from their reads)
+            shares = reply["in_place_host"] is not None and reply["in_place_host"] == wire.host_id()
+            (self._can_map if shares else self._sends_bytes).add(server)
         port, instance = reply.get("data_port"), reply.get("instance")
         if isinstance(port, int) and 0 < port < 65536 and isinstance(instance, str):
             return port, instance
@@ -405,6 +411,20 @@ class AsyncClient:
         asks by name wants what is there now); ``NotFound`` only if the file itself is gone.
         """
         path = normalize_path(path)
+        if start == 0 and end is None:
+            # A whole file: one batched call returns a single-chunk file's bytes with its
+            # record (a stat, then a chunk read, took 2-4 round trips and a data-port
+            # connection: ~15 ms of a fresh DataLoader worker's way to its manifest), and
+            # reads a larger file as after a stat.
+            got: bytes | IosvcError | None = None
+            with contextlib.suppress(NotFound):  # a larger file replaced while read
+                (got,) = await self.read_many([path])
+            if isinstance(got, bytes):
+                return got
+            if got is not None and not isinstance(got, NotFound):
+                raise got
+            # Else again below. NotFound on its home server: missing, or a directory whose
+            # files live on other servers (the stat below asks every server).
         for attempt in range(_READ_ATTEMPTS):
             info = await self._record(path)
             try:
@@ -483,7 +503,14 @@ class AsyncClient:
         home = self.placement.home(info["name"])
         n_chunks = -(-size // info["chunk_size"])
         servers = {self.placement.chunk_server(home, i) for i in range(n_chunks)}
-        if servers & self._sends_bytes or any(self._in_place_host(s) is None for s in servers):
+        if any(self._in_place_host(s) is None for s in servers):
+            return None
+        # Ask first, where not yet known: a file mapped from servers that send bytes after
+        # all is a copy in fresh anonymous memory, worse than a read into a reused buffer
+        # (and, to the dataloaders, not a file to keep in their node cache).
+        unknown = servers - self._sends_bytes - self._can_map
+        await asyncio.gather(*(self._learn_in_place(s) for s in unknown))
+        if servers & self._sends_bytes:
             return None
         region = MappedFile(size)
         await self._fetch(info, 0, size, region.copy, target=region, verify=verify)
@@ -618,6 +645,14 @@ class AsyncClient:
         async with contextlib.aclosing(frames):
             async for item in frames:
                 yield item
+
+    async def _learn_in_place(self, server: int) -> None:
+        """Whether ``server`` can be read in place from here (its ``endpoints`` answer)."""
+        with contextlib.suppress(IosvcError):
+            if self._use_data_plane:
+                await self._data.port(server)  # asked once, for the data port as well
+            else:
+                await self._ask_data_port(server)
 
     def _in_place_host(self, server: int) -> str | None:
         """This host's id to offer ``server`` for reads in place, or None not to."""
