@@ -9,6 +9,7 @@ import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,15 +191,37 @@ def test_map_declines_where_it_cannot_help(
 ) -> None:
     assert disk_cluster.spec is not None
     data = os.urandom(2 * MiB + 5)
-    # Memory servers: the first try copies through gRPC (still correct) and learns that
-    # these servers send bytes; then map declines, so the caller reads into its own buffer.
+    # Memory servers say so (endpoints), so even a new client's first map declines and
+    # the caller reads into its own buffer (a copy into fresh memory would be worse, and
+    # is no file of the servers': the dataloaders' node cache keeps only what they read).
     client.write(f"{prefix}/mm", data)
     info = client.info(f"{prefix}/mm")
-    first = client._run(client.aio.map, info)
-    assert first is not None and bytes(first) == data
+    before = _in_place(client)
     assert client._run(client.aio.map, info) is None
-    # An empty file, and reads in place turned off.
+    assert client._run(client.aio.map, info) is None
+    assert client.read(f"{prefix}/mm") == data and _in_place(client) == before
+    # A server that does not say (older than the answer) is learnt from its first read:
+    # that one map is a correct copy, then map declines.
+    old_servers = Client(client.spec)
+    asked = old_servers.aio._ask_data_port
+
+    async def silent(server: int) -> Any:
+        got = await asked(server)
+        old_servers.aio._sends_bytes.discard(server)
+        return got
+
+    monkeypatch.setattr(old_servers.aio._data, "_ask_port", silent)
+    first = old_servers._run(old_servers.aio.map, info)
+    assert first is not None and bytes(first) == data
+    assert old_servers._run(old_servers.aio.map, info) is None
+    # Disk servers on this host say they can be mapped: the first map is in place.
     on_disk = Client(disk_cluster.spec)
+    on_disk.write("ip/first", data)
+    before = _in_place(on_disk)
+    view = on_disk._run(on_disk.aio.map, on_disk.info("ip/first"))
+    assert view is not None and bytes(view) == data
+    assert _in_place(on_disk) - before == 3
+    # An empty file, and reads in place turned off.
     on_disk.write("ip/empty", b"")
     assert on_disk._run(on_disk.aio.map, on_disk.info("ip/empty")) is None
     on_disk.write("ip/off", data)

@@ -708,9 +708,12 @@ class IoService:
         self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
         """Where else this server listens: the data port for bulk transfers (None: off),
-        and this process's instance id, which data connections name in their ``hello``."""
+        this process's instance id, which data connections name in their ``hello``, and
+        the host a client must share to read chunks in place (None: this store keeps none
+        in files), so a client knows before its first read whether mapping can work."""
         port = self.data_plane.port if self.data_plane is not None else None
-        return {"data_port": port, "instance": self.instance}, None
+        in_place = wire.host_id() if self.store.keeps_files else None
+        return {"data_port": port, "instance": self.instance, "in_place_host": in_place}, None
 
     async def _op_configure(
         self, header: dict[str, Any], payload: memoryview, who: Caller

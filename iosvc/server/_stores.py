@@ -47,6 +47,8 @@ class ChunkStore(ABC):
 
     #: Data survives a restart of the server process.
     supports_persistence: bool = False
+    #: Values lie in files a client on this host may read itself (see :meth:`local_path`).
+    keeps_files: bool = False
 
     def __init__(self, capacity: int | None) -> None:
         if capacity is not None and capacity <= 0:
@@ -143,6 +145,7 @@ class LocalDirStore(ChunkStore):
     """
 
     supports_persistence = True
+    keeps_files = True
 
     def __init__(self, root: str | os.PathLike[str], capacity: int | None = None) -> None:
         super().__init__(capacity)
