@@ -43,7 +43,7 @@ import os
 import time
 from dataclasses import dataclass
 
-__all__ = ["KINDS", "SlotDirectory", "SlotFile", "SlotMap", "default_slot_dir"]
+__all__ = ["KINDS", "SlotDirectory", "SlotFile", "SlotMap", "default_slot_dir", "tmpfs_huge_pages"]
 
 _PREFIX = "slot-"
 CACHE_PREFIX = "cache-"
@@ -63,6 +63,42 @@ def default_slot_dir() -> str | None:
     if not (os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK)):
         return None
     return os.path.join(shm, f"dataloaders-{os.getuid()}")
+
+
+def tmpfs_huge_pages(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The ``huge=`` option of the tmpfs holding ``path`` (``always``, ``within_size`` or
+    ``advise``), ``"never"`` for a tmpfs without it, None where ``path`` is not on a tmpfs.
+
+    Why it matters: without it, tmpfs keeps files in 4 KiB pages, and mapping one costs a
+    page-table entry per 4 KiB (with ``unmap`` the same again). Mapping and hashing a
+    64 MiB file took 9-16 ms from ``/dev/shm`` here, 2.1 ms from a tmpfs mounted with
+    ``huge=within_size`` (2 MiB pages) or from the page cache of ext4 (large folios); filling
+    one through a mapping 48-62 ms against 7 ms. Only an administrator can mount one
+    (``mount -t tmpfs -o huge=within_size,size=..,mode=1777 tmpfs DIR``); readers then use
+    it through ``$DATALOADERS_BUFFER_DIR``. Slots are reserved with ``posix_fallocate``,
+    which takes huge pages only from ``within_size`` and ``always`` mounts.
+    """
+    try:
+        target = os.path.realpath(path)
+        while not os.path.exists(target):  # a directory not made yet: its parent's mount
+            target = os.path.dirname(target)
+        with open(mountinfo) as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return None
+    best: tuple[int, str | None] = (-1, None)
+    for fields in mounts:
+        # id parent major:minor root mount-point options [optional...] - type source super
+        point = fields[4].replace("\\040", " ")
+        dash = fields.index("-")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best[0]:  # (the last of stacked mounts is seen)
+            huge = None
+            if fields[dash + 1] == "tmpfs":
+                options = dict(o.partition("=")[::2] for o in fields[dash + 3].split(","))
+                huge = options.get("huge", "never")
+            best = (len(point), huge)
+    return best[1]
 
 
 class SlotMap(mmap.mmap):

@@ -130,7 +130,7 @@ def buffers(
     """Show (or --clear) the memory data loaders keep in tmpfs on this node: shard
     buffers (slot-N) and batch arenas (batch-N), reused from one epoch and run to the next,
     and the node cache (cache-KEY: remote shard files kept for the next readers)."""
-    from dataloaders._slots import KINDS, SlotDirectory, default_slot_dir
+    from dataloaders._slots import KINDS, SlotDirectory, default_slot_dir, tmpfs_huge_pages
 
     path = directory or default_slot_dir()
     if path is None:
@@ -153,6 +153,17 @@ def buffers(
     console.print(
         f"{path}: {len(files)} files, {format_size(used)}{budget}", highlight=False, soft_wrap=True
     )
+    huge = tmpfs_huge_pages(path)
+    if huge == "never":
+        console.print(
+            "  in 4 KiB pages (a tmpfs without huge=): mapping them costs 4-6x what 2 MiB "
+            "pages do; ask your admins for a tmpfs mounted with huge=within_size and set "
+            "$DATALOADERS_BUFFER_DIR to a directory in it",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif huge is not None:
+        console.print(f"  in huge pages (tmpfs huge={huge})", highlight=False)
     now = time.time()
     if each:
         for f in files:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 import dataloaders._cache
 from dataloaders import DataLoader, StreamingDataset, write_shards
 from dataloaders._cache import BufferPool
-from dataloaders._slots import SlotDirectory, default_slot_dir
+from dataloaders._slots import SlotDirectory, default_slot_dir, tmpfs_huge_pages
 
 from .helpers import checked_images
 
@@ -234,3 +235,50 @@ def test_the_buffers_command_lists_and_clears_only_what_no_reader_holds(
     assert _slots(slot_path) == ["slot-0"]
     held[:3] = b"abc"  # the held slot is untouched and still writable
     assert iosvc_cli("shards", "buffers", "--dir", str(Path(slot_path) / "none")).returncode == 0
+
+
+def test_tmpfs_huge_pages_reads_the_mount_of_a_path(tmp_path: Path) -> None:
+    bb, deeper, spaced = tmp_path / "bb", tmp_path / "bb" / "job", tmp_path / "with space"
+    for d in (bb, deeper, spaced):
+        d.mkdir()
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "21 1 8:1 / / rw - ext4 /dev/vda rw\n"
+        "30 21 0:5 / /dev/shm rw,nosuid - tmpfs tmpfs rw,size=100k\n"
+        f"40 21 0:6 / {bb} rw - tmpfs tmpfs rw,size=8g,huge=within_size,inode64\n"
+        f"41 40 0:7 / {deeper} rw shared:5 - tmpfs tmpfs rw,huge=always\n"
+        f"42 40 0:8 / {deeper} rw - tmpfs tmpfs rw\n"  # stacked over 41: this one is seen
+        f"50 21 0:9 / {str(spaced).replace(' ', chr(92) + '040')} rw - tmpfs t rw,huge=advise\n"
+    )
+    huge = functools.partial(tmpfs_huge_pages, mountinfo=str(info))
+    assert huge(str(bb)) == "within_size"
+    assert huge(str(bb / "slots-not-made-yet" / "x")) == "within_size"
+    assert huge(str(deeper / "slots")) == "never"
+    assert huge(str(spaced)) == "advise"
+    assert huge(str(tmp_path)) is None  # ext4
+    assert tmpfs_huge_pages(str(tmp_path), mountinfo=str(tmp_path / "absent")) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_the_buffers_command_tells_whether_the_directory_has_huge_pages(
+    tmp_path: Path, iosvc_cli: Any
+) -> None:
+    mount = tmp_path / "huge"
+    mount.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "huge=within_size,size=64m", "tmpfs", str(mount)],
+        check=True,
+    )
+    try:
+        shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
+        assert shown.returncode == 0, shown.stderr
+        assert "in huge pages (tmpfs huge=within_size)" in shown.stdout
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    plain = mount / "plain"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    try:
+        shown = iosvc_cli("shards", "buffers", "--dir", str(plain))
+        assert "in 4 KiB pages" in shown.stdout and "huge=within_size" in shown.stdout
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
