@@ -40,6 +40,13 @@ RSS of the reader and its workers (sum, sampled every 20 ms), bytes on disk (or 
 servers), or ``error``. The machine has 2 cores;
 the iosvc servers share them with the reader. Every clock starts after the system's imports
 and a ``gc.collect()``, so no system's start-up pays for a collection its imports left due.
+Each ``iosvc://`` epoch is run right after an ``iosvc-local`` one: ``paired_ratio_to_local``
+is the median of those pairs' ratios, robust to the machine's drift between cells (the
+ratio of two cells' medians is not).
+
+``--buffers huge`` mounts a tmpfs with ``huge=within_size`` (2 MiB pages; root) for the
+readers' buffer directory and the in-place servers' store, as README advises administrators;
+the default keeps both on ``/dev/shm`` (4 KiB pages).
 """
 
 from __future__ import annotations
@@ -482,6 +489,25 @@ def _peer_python(path: Path) -> tuple[str | None, str]:
     return str(python), ""
 
 
+def _mount_huge_tmpfs(path: Path) -> Path:
+    """A tmpfs mounted at ``path`` with 2 MiB pages (``huge=within_size``), as README advises
+    administrators to give readers' buffers and in-place servers; exits if it cannot be."""
+    path.mkdir(parents=True, exist_ok=True)
+    # As large as /dev/shm: the readers' default budget (1/8 of it) is then the same.
+    shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    size = shm.f_frsize * shm.f_blocks if shm else 16 << 30
+    options = f"huge=within_size,size={size},mode=1777"
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"--buffers huge: cannot mount a tmpfs (root needed): {done.stderr}")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller datasets (a few minutes)")
@@ -490,6 +516,14 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
     parser.add_argument("--peer-python", type=Path, default=DEFAULT_PEER_VENV)
     parser.add_argument("--workdir", type=Path, help="where datasets are written (temp dir)")
+    parser.add_argument(
+        "--buffers",
+        choices=["shm", "huge"],
+        default="shm",
+        help="where the readers' buffer directory and the in-place servers' store live: "
+        "/dev/shm (4 KiB pages), or a tmpfs this run mounts with huge=within_size (2 MiB "
+        "pages, as README advises administrators; needs root)",
+    )
     parser.add_argument("--make-peer-venv", action="store_true", help="build the peer venv")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -514,12 +548,16 @@ def main() -> None:
     # the page cache had dropped its chunk files by the time it was read, after every other
     # system had written its own copy of the data.
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
+    if args.buffers == "huge":
+        shm = _mount_huge_tmpfs(work / "huge-tmpfs")
     dir_store = Path(tempfile.mkdtemp(prefix="bench-dataloader-store-", dir=shm))
     with (
         contextlib.ExitStack() as cleanup,
         LocalCluster(2, memory=memory, workdir=work / "cluster") as cluster,
         LocalCluster(2, directory=dir_store, workdir=work / "cluster-dir") as on_disk,
     ):
+        if args.buffers == "huge":  # (callbacks run last first: after the removals below)
+            cleanup.callback(subprocess.run, ["umount", "--lazy", str(shm)], check=False)
         cleanup.callback(shutil.rmtree, dir_store, True)
         assert cluster.spec is not None and on_disk.spec is not None
         cluster.spec.save(work / "cluster.json")
@@ -538,6 +576,7 @@ def main() -> None:
         for dataset in args.datasets:
             n = n_by_dataset[dataset]
             results[dataset] = {}
+            local_copy: Path | None = None
             for system in args.systems:
                 cell: dict[str, Any] = dict.fromkeys(
                     (
@@ -587,16 +626,36 @@ def main() -> None:
                         cell["fill_first_batch_s"] = fill["first_batch_s"]
                         cell["fill_cpu_s"] = fill["cpu_s"]
                     # REPEATS epochs in fresh processes: the cell is the median one (by
-                    # samples/s; this VM's rates move by 20-30% from run to run).
-                    runs = [
-                        _run_child(
-                            python,
-                            ["read", system, dataset, str(n), location],
-                            env_of,
-                            timeout=3600,
+                    # samples/s; this VM's rates move by 20-30% from run to run). Each
+                    # iosvc:// epoch right after an iosvc-local one (same buffer directory):
+                    # the ratio of each such pair is taken in the same seconds, so the
+                    # drift of the machine's speed between cells cancels out.
+                    paired = system in REMOTE and local_copy is not None
+                    runs, locals_ = [], []
+                    for _ in range(REPEATS):
+                        if paired:
+                            locals_.append(
+                                _run_child(
+                                    python,
+                                    ["read", "iosvc-local", dataset, str(n), str(local_copy)],
+                                    env,
+                                    timeout=3600,
+                                )["samples_per_s"]
+                            )
+                        runs.append(
+                            _run_child(
+                                python,
+                                ["read", system, dataset, str(n), location],
+                                env_of,
+                                timeout=3600,
+                            )
                         )
-                        for _ in range(REPEATS)
-                    ]
+                    if paired:
+                        pairs = zip(runs, locals_, strict=True)
+                        ratios = [r["samples_per_s"] / b for r, b in pairs]
+                        cell["paired_local_samples_per_s_runs"] = locals_
+                        cell["paired_ratios_to_local"] = ratios
+                        cell["paired_ratio_to_local"] = statistics.median(ratios)
                     runs.sort(key=lambda r: float(r["samples_per_s"]))
                     cell.update(runs[len(runs) // 2])
                     cell["samples_per_s_runs"] = [r["samples_per_s"] for r in runs]
@@ -621,13 +680,17 @@ def main() -> None:
                     cell["error"] = str(exc)
                 results[dataset][system] = cell
                 print(_row(dataset, system, cell), flush=True)
-                if system not in REMOTE:
+                if system == "iosvc-local" and cell.get("samples_per_s"):
+                    local_copy = work / dataset / system  # kept: the pairs' baseline
+                elif system not in REMOTE:
                     shutil.rmtree(work / dataset / system, ignore_errors=True)
                 else:  # the DRAM stores hold one copy at a time (6 GiB for 4 copies of 2 GB)
                     spec = on_disk.spec if system == "iosvc-remote-dir" else cluster.spec
                     with Client(spec) as client:
                         client.rm(f"bench/{dataset}/{system}", recursive=True)
                     SlotDirectory(env["DATALOADERS_BUFFER_DIR"]).clear()  # its node cache
+            if local_copy is not None:
+                shutil.rmtree(local_copy, ignore_errors=True)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     print()
@@ -683,6 +746,8 @@ def table(results: dict[str, dict[str, dict[str, Any]]], n_by_dataset: dict[str,
                 and cell.get("samples_per_s")
             ):
                 row += f"  {cell['samples_per_s'] / local:.2f}x iosvc-local"
+                if cell.get("paired_ratio_to_local"):
+                    row += f" ({cell['paired_ratio_to_local']:.2f}x paired)"
             lines.append(row)
             if cell.get("fill_samples_per_s"):
                 lines.append(

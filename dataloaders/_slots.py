@@ -71,9 +71,9 @@ def tmpfs_huge_pages(path: str, mountinfo: str = "/proc/self/mountinfo") -> str 
 
     Why it matters: without it, tmpfs keeps files in 4 KiB pages, and mapping one costs a
     page-table entry per 4 KiB (with ``unmap`` the same again). Mapping and hashing a
-    64 MiB file took 9-16 ms from ``/dev/shm`` here, 2.1 ms from a tmpfs mounted with
-    ``huge=within_size`` (2 MiB pages) or from the page cache of ext4 (large folios); filling
-    one through a mapping 48-62 ms against 7 ms. Only an administrator can mount one
+    64 MiB file took 16.7 ms on ``/dev/shm`` here, 2.8 ms on a tmpfs mounted with
+    ``huge=within_size`` (2 MiB pages); filling one through a mapping 52.5 ms against
+    8.4 ms (``bench/results/pages.json``). Only an administrator can mount one
     (``mount -t tmpfs -o huge=within_size,size=..,mode=1777 tmpfs DIR``); readers then use
     it through ``$DATALOADERS_BUFFER_DIR``. Slots are reserved with ``posix_fallocate``,
     which takes huge pages only from ``within_size`` and ``always`` mounts.
