@@ -518,11 +518,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="where datasets are written (temp dir)")
     parser.add_argument(
         "--buffers",
-        choices=["shm", "huge"],
+        choices=["shm", "huge", "disk"],
         default="shm",
         help="where the readers' buffer directory and the in-place servers' store live: "
-        "/dev/shm (4 KiB pages), or a tmpfs this run mounts with huge=within_size (2 MiB "
-        "pages, as README advises administrators; needs root)",
+        "/dev/shm (4 KiB pages), a tmpfs this run mounts with huge=within_size (2 MiB "
+        "pages, as README advises administrators; needs root), or the work directory's disk",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=REPEATS, help="epochs per cell (each a fresh process)"
     )
     parser.add_argument("--make-peer-venv", action="store_true", help="build the peer venv")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -550,6 +553,9 @@ def main() -> None:
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
     if args.buffers == "huge":
         shm = _mount_huge_tmpfs(work / "huge-tmpfs")
+    elif args.buffers == "disk":
+        shm = work / "disk-buffers"
+        shm.mkdir()
     dir_store = Path(tempfile.mkdtemp(prefix="bench-dataloader-store-", dir=shm))
     with (
         contextlib.ExitStack() as cleanup,
@@ -632,7 +638,7 @@ def main() -> None:
                     # drift of the machine's speed between cells cancels out.
                     paired = system in REMOTE and local_copy is not None
                     runs, locals_ = [], []
-                    for _ in range(REPEATS):
+                    for _ in range(args.repeats):
                         if paired:
                             locals_.append(
                                 _run_child(
@@ -701,6 +707,8 @@ def main() -> None:
             "quick": args.quick,
             "batch_size": BATCH,
             "num_workers": WORKERS,
+            "buffers": args.buffers,
+            "repeats": args.repeats,
             "samples": n_by_dataset,
             "machine": {
                 "cpus": os.cpu_count(),
