@@ -555,7 +555,7 @@ def main() -> None:
         shm = _mount_huge_tmpfs(work / "huge-tmpfs")
     elif args.buffers == "disk":
         shm = work / "disk-buffers"
-        shm.mkdir()
+        shm.mkdir(exist_ok=True)
     dir_store = Path(tempfile.mkdtemp(prefix="bench-dataloader-store-", dir=shm))
     with (
         contextlib.ExitStack() as cleanup,
