@@ -452,3 +452,35 @@ def test_chunks_of_a_dropped_version_are_refused(raw: Raw, spec: ClusterSpec) ->
     assert reply["chunks"] == 0 and reply["failed"][0] == "Cancelled", reply
     raw.request({"op": "read", "id": ID, "chunks": [[key, 0, 4096, True]]})
     assert raw.reply()[0]["error"] == "NotFound"  # nothing was stored
+
+
+def test_concurrent_first_reads_ask_each_server_for_its_port_once(
+    spec: ClusterSpec, prefix: str
+) -> None:
+    """A worker's first reads start together: one ``endpoints`` call per server, not one
+    per read, and a caller cancelled meanwhile does not cancel the others' answer."""
+    client = AsyncClient(spec)
+    asked: list[int] = []
+    ask = client._data._ask_port
+
+    async def counted(server: int) -> Any:
+        asked.append(server)
+        await asyncio.sleep(0.05)  # every caller arrives while it is being asked
+        return await ask(server)
+
+    client._data._ask_port = counted
+
+    async def main() -> list[Any]:
+        cancelled = asyncio.ensure_future(client._data.port(0))
+        waiting = [asyncio.ensure_future(client._data.port(s)) for s in (0, 1, 0, 1, 0)]
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        got = await asyncio.gather(*waiting)
+        again = await client._data.port(1)  # answered: not asked again
+        await client.close()
+        return [*got, again]
+
+    got = asyncio.run(main())
+    assert sorted(asked) == [0, 1]
+    assert got[0] == got[2] == got[4] and got[1] == got[3] == got[5]
+    assert all(isinstance(port, tuple) for port in got)

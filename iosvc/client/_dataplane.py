@@ -51,6 +51,8 @@ class DataConnections:
         self._ask_port = ask_port
         self.connect_timeout = connect_timeout
         self._ports: dict[int, tuple[int, str] | None] = {}
+        # One question per server at a time: a worker's first reads all ask at once.
+        self._asking: dict[int, asyncio.Future[tuple[int, str] | None]] = {}
         # Idle connections as bare descriptors: a client dropped without close() then
         # neither leaks them (the finalizer closes them) nor warns of unclosed sockets.
         self._idle: dict[int, list[int]] = {}
@@ -58,10 +60,24 @@ class DataConnections:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def port(self, server: int) -> tuple[int, str] | None:
-        """The server's data port and instance (asked once, until a connection fails)."""
-        if server not in self._ports:
-            self._ports[server] = await self._ask_port(server)
-        return self._ports[server]
+        """The server's data port and instance (asked once, until a connection fails;
+        callers that want it while it is being asked wait for that answer)."""
+        if server in self._ports:
+            return self._ports[server]
+        asking = self._asking.get(server)
+        if asking is None or asking.done() or asking.get_loop() is not asyncio.get_running_loop():
+            asking = asyncio.ensure_future(self._ask_port(server))
+            # Retrieved here too, so a failure whose waiters were all cancelled is no warning.
+            asking.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._asking[server] = asking
+        try:
+            # Shielded: a caller cancelled while waiting does not cancel the others' answer.
+            got = await asyncio.shield(asking)
+        finally:
+            if asking.done() and self._asking.get(server) is asking:
+                del self._asking[server]
+        self._ports[server] = got
+        return got
 
     async def acquire(self, server: int) -> socket.socket | None:
         """An open connection to ``server``'s data port; None if it has none."""
