@@ -265,10 +265,14 @@ def test_the_buffers_command_tells_whether_the_directory_has_huge_pages(
 ) -> None:
     mount = tmp_path / "huge"
     mount.mkdir()
-    subprocess.run(
+    done = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "huge=within_size,size=64m", "tmpfs", str(mount)],
-        check=True,
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    if done.returncode != 0:  # root without CAP_SYS_ADMIN (some containers)
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
         shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
         assert shown.returncode == 0, shown.stderr
