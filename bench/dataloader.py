@@ -52,6 +52,7 @@ the default keeps both on ``/dev/shm`` (4 KiB pages).
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import functools
 import gc
@@ -489,6 +490,13 @@ def _peer_python(path: Path) -> tuple[str | None, str]:
     return str(python), ""
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _mount_huge_tmpfs(path: Path) -> Path:
     """A tmpfs mounted at ``path`` with 2 MiB pages (``huge=within_size``), as README advises
     administrators to give readers' buffers and in-place servers; exits if it cannot be."""
@@ -505,6 +513,8 @@ def _mount_huge_tmpfs(path: Path) -> Path:
     )
     if done.returncode != 0:
         raise SystemExit(f"--buffers huge: cannot mount a tmpfs (root needed): {done.stderr}")
+    # Unmounted at exit, however the run ends (the clusters may fail to start).
+    atexit.register(subprocess.run, ["umount", "--lazy", str(path)], check=False)
     return path
 
 
@@ -525,7 +535,10 @@ def main() -> None:
         "pages, as README advises administrators; needs root), or the work directory's disk",
     )
     parser.add_argument(
-        "--repeats", type=int, default=REPEATS, help="epochs per cell (each a fresh process)"
+        "--repeats",
+        type=_at_least_one,
+        default=REPEATS,
+        help="epochs per cell (each a fresh process)",
     )
     parser.add_argument("--make-peer-venv", action="store_true", help="build the peer venv")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -562,8 +575,6 @@ def main() -> None:
         LocalCluster(2, memory=memory, workdir=work / "cluster") as cluster,
         LocalCluster(2, directory=dir_store, workdir=work / "cluster-dir") as on_disk,
     ):
-        if args.buffers == "huge":  # (callbacks run last first: after the removals below)
-            cleanup.callback(subprocess.run, ["umount", "--lazy", str(shm)], check=False)
         cleanup.callback(shutil.rmtree, dir_store, True)
         assert cluster.spec is not None and on_disk.spec is not None
         cluster.spec.save(work / "cluster.json")

@@ -40,6 +40,7 @@ import contextlib
 import fcntl
 import mmap
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -89,13 +90,18 @@ def tmpfs_huge_pages(path: str, mountinfo: str = "/proc/self/mountinfo") -> str 
     best: tuple[int, str | None] = (-1, None)
     for fields in mounts:
         # id parent major:minor root mount-point options [optional...] - type source super
-        point = fields[4].replace("\\040", " ")
-        dash = fields.index("-")
+        try:
+            dash = fields.index("-", 6)
+            fstype, super_options = fields[dash + 1], fields[dash + 3]
+        except (ValueError, IndexError):
+            continue  # not a line of the format above
+        # Spaces, tabs, newlines and backslashes in paths are written as octal escapes.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
         inside = target == point or target.startswith(point.rstrip("/") + "/")
         if inside and len(point) >= best[0]:  # (the last of stacked mounts is seen)
             huge = None
-            if fields[dash + 1] == "tmpfs":
-                options = dict(o.partition("=")[::2] for o in fields[dash + 3].split(","))
+            if fstype == "tmpfs":
+                options = dict(o.partition("=")[::2] for o in super_options.split(","))
                 huge = options.get("huge", "never")
             best = (len(point), huge)
     return best[1]

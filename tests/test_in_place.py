@@ -227,3 +227,34 @@ def test_map_declines_where_it_cannot_help(
     on_disk.write("ip/off", data)
     monkeypatch.setenv("IOSVC_READ_IN_PLACE", "0")
     assert on_disk._run(on_disk.aio.map, on_disk.info("ip/off")) is None
+
+
+def test_servers_that_do_not_say_are_asked_once(
+    disk_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the data plane (TLS, or turned off), servers older than ``in_place_host``
+    are asked once per client, not at every map (their files are mapped all the same)."""
+    assert disk_cluster.spec is not None
+    monkeypatch.setenv("IOSVC_DATA_PLANE", "0")
+    plain = Client(disk_cluster.spec)
+    prefix = "ip/asked"
+    asked: list[int] = []
+    call = plain.aio.call
+
+    async def old_servers(server: int, header: dict[str, Any], payload: Any = b"") -> Any:
+        reply, body = await call(server, header, payload)
+        if header["op"] == "endpoints":
+            asked.append(server)
+            reply.pop("in_place_host", None)
+        return reply, body
+
+    monkeypatch.setattr(plain.aio, "call", old_servers)
+    data = os.urandom(2 * MiB + 5)
+    plain.write(f"{prefix}/asked", data)
+    info = plain.info(f"{prefix}/asked")
+    before = _in_place(plain)
+    for _ in range(3):
+        view = plain._run(plain.aio.map, info)
+        assert view is not None and bytes(view) == data
+    assert _in_place(plain) - before == 3 * 3  # mapped in place, 3 chunks each time
+    assert sorted(asked) == [0, 1]

@@ -154,16 +154,16 @@ def buffers(
         f"{path}: {len(files)} files, {format_size(used)}{budget}", highlight=False, soft_wrap=True
     )
     huge = tmpfs_huge_pages(path)
-    if huge == "never":
+    if huge in ("always", "within_size"):
+        console.print(f"  in huge pages (tmpfs huge={huge})", highlight=False)
+    elif huge is not None:  # never, deny, or advise (slots are reserved with fallocate)
         console.print(
-            "  in 4 KiB pages (a tmpfs without huge=): mapping them costs 4-6x what 2 MiB "
+            f"  in 4 KiB pages (a tmpfs with huge={huge}): mapping them costs 4-6x what 2 MiB "
             "pages do; ask your admins for a tmpfs mounted with huge=within_size and set "
             "$DATALOADERS_BUFFER_DIR to a directory in it",
             highlight=False,
             soft_wrap=True,
         )
-    elif huge is not None:
-        console.print(f"  in huge pages (tmpfs huge={huge})", highlight=False)
     now = time.time()
     if each:
         for f in files:

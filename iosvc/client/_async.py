@@ -196,6 +196,7 @@ class AsyncClient:
         # files is not worth trying). And servers that said they could be read in place.
         self._sends_bytes: set[int] = set()
         self._can_map: set[int] = set()
+        self._asked_in_place: set[int] = set()  # asked, whatever (or whether) they said
         self._loop: asyncio.AbstractEventLoop | None = None
         # Bulk reads and writes go over the servers' data ports (plain TCP, see
         # iosvc.dataplane) unless the cluster uses TLS (then gRPC encrypts them) or
@@ -288,7 +289,7 @@ class AsyncClient:
             return None
         if "in_place_host" in reply:  # (older servers do not say: learnt from their reads)
             shares = reply["in_place_host"] is not None and reply["in_place_host"] == wire.host_id()
-            (self._can_map if shares else self._sends_bytes).add(server)
+            self._note_in_place(server, shares)
         port, instance = reply.get("data_port"), reply.get("instance")
         if isinstance(port, int) and 0 < port < 65536 and isinstance(instance, str):
             return port, instance
@@ -508,7 +509,7 @@ class AsyncClient:
         # Ask first, where not yet known: a file mapped from servers that send bytes after
         # all is a copy in fresh anonymous memory, worse than a read into a reused buffer
         # (and, to the dataloaders, not a file to keep in their node cache).
-        unknown = servers - self._sends_bytes - self._can_map
+        unknown = servers - self._sends_bytes - self._can_map - self._asked_in_place
         await asyncio.gather(*(self._learn_in_place(s) for s in unknown))
         if servers & self._sends_bytes:
             return None
@@ -597,8 +598,9 @@ class AsyncClient:
                             again.append(plan[header["i"]])
                             continue
                         payload, direct = read, target is not None
+                        self._note_in_place(server, True)
                     elif host is not None:
-                        self._sends_bytes.add(server)
+                        self._note_in_place(server, False)
                     if len(payload) != spec[2]:
                         raise DataCorruption(f"{info['name']}: chunk {index} is short")
                     if verify and spec[3] and xxhash.xxh3_64_intdigest(payload) != checksums[index]:
@@ -647,12 +649,20 @@ class AsyncClient:
                 yield item
 
     async def _learn_in_place(self, server: int) -> None:
-        """Whether ``server`` can be read in place from here (its ``endpoints`` answer)."""
+        """Whether ``server`` can be read in place from here (its ``endpoints`` answer;
+        asked once: a server that does not say is learnt from its replies)."""
         with contextlib.suppress(IosvcError):
             if self._use_data_plane:
                 await self._data.port(server)  # asked once, for the data port as well
             else:
                 await self._ask_data_port(server)
+            self._asked_in_place.add(server)
+
+    def _note_in_place(self, server: int, can: bool) -> None:
+        """Record whether ``server``'s chunks can be read in place from here (it said so,
+        or a reply showed it); the latest word wins (a restarted server may differ)."""
+        (self._can_map if can else self._sends_bytes).add(server)
+        (self._sends_bytes if can else self._can_map).discard(server)
 
     def _in_place_host(self, server: int) -> str | None:
         """This host's id to offer ``server`` for reads in place, or None not to."""

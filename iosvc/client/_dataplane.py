@@ -139,6 +139,7 @@ class DataConnections:
         """Close every idle connection (after fork, or on another event loop)."""
         _close_all(self._idle)
         self._idle.clear()
+        self._asking.clear()  # (tasks of another loop: not ours to cancel from here)
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:

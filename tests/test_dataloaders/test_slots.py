@@ -249,6 +249,8 @@ def test_tmpfs_huge_pages_reads_the_mount_of_a_path(tmp_path: Path) -> None:
         f"41 40 0:7 / {deeper} rw shared:5 - tmpfs tmpfs rw,huge=always\n"
         f"42 40 0:8 / {deeper} rw - tmpfs tmpfs rw\n"  # stacked over 41: this one is seen
         f"50 21 0:9 / {str(spaced).replace(' ', chr(92) + '040')} rw - tmpfs t rw,huge=advise\n"
+        "garbage line\n"
+        "60 21 0:10 / /x rw -\n"  # cut short
     )
     huge = functools.partial(tmpfs_huge_pages, mountinfo=str(info))
     assert huge(str(bb)) == "within_size"
