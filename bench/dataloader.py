@@ -505,14 +505,10 @@ def _mount_huge_tmpfs(path: Path) -> Path:
     shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
     size = shm.f_frsize * shm.f_blocks if shm else 16 << 30
     options = f"huge=within_size,size={size},mode=1777"
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"--buffers huge: cannot mount a tmpfs (root needed): {done.stderr}")
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    except subprocess.CalledProcessError:
+        raise SystemExit("--buffers huge: cannot mount a tmpfs (root needed)") from None
     # Unmounted at exit, however the run ends (the clusters may fail to start).
     atexit.register(subprocess.run, ["umount", "--lazy", str(path)], check=False)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
@@ -153,22 +154,30 @@ def test_a_directory_that_is_not_private_or_a_symlinked_slot_is_never_used(
     assert _slots(str(private)) == ["slot-0", "slot-1"]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[str]:
-    """A 4 MiB tmpfs: a file system that really fills up."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
+@contextlib.contextmanager
+def _tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mount`` for the block; the test is skipped where it cannot be
+    (not root, or root without CAP_SYS_ADMIN as in some containers)."""
+    mount.mkdir(exist_ok=True)
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
         capture_output=True,
+        text=True,
         check=False,
     )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        yield str(mount / "slots")
+        yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[str]:
+    """A 4 MiB tmpfs: a file system that really fills up."""
+    with _tmpfs(tmp_path / "tmpfs", "size=4m,mode=0700") as mount:
+        yield str(mount / "slots")
 
 
 def test_a_full_file_system_refuses_the_claim_instead_of_a_sigbus(small_tmpfs: str) -> None:
@@ -261,30 +270,13 @@ def test_tmpfs_huge_pages_reads_the_mount_of_a_path(tmp_path: Path) -> None:
     assert tmpfs_huge_pages(str(tmp_path), mountinfo=str(tmp_path / "absent")) is None
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_the_buffers_command_tells_whether_the_directory_has_huge_pages(
     tmp_path: Path, iosvc_cli: Any
 ) -> None:
-    mount = tmp_path / "huge"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "huge=within_size,size=64m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:  # root without CAP_SYS_ADMIN (some containers)
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with _tmpfs(tmp_path / "huge", "huge=within_size,size=64m") as mount:
         shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
         assert shown.returncode == 0, shown.stderr
         assert "in huge pages (tmpfs huge=within_size)" in shown.stdout
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-    plain = mount / "plain"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
-    try:
-        shown = iosvc_cli("shards", "buffers", "--dir", str(plain))
+    with _tmpfs(tmp_path / "plain", "size=64m") as mount:
+        shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
         assert "in 4 KiB pages" in shown.stdout and "huge=within_size" in shown.stdout
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
