@@ -42,7 +42,10 @@ import mmap
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from dataloaders._huge import HUGE_PAGE, collapse_new_range, map_aligned
 
 __all__ = ["KINDS", "SlotDirectory", "SlotFile", "SlotMap", "default_slot_dir", "tmpfs_huge_pages"]
 
@@ -187,10 +190,13 @@ class SlotDirectory:
         self.cache_idle = cache_idle
         self._budget = budget
         self._usable: bool | None = None
+        self._collapse: bool | None = None  # see _collapses
 
     def of_kind(self, prefix: str) -> SlotDirectory:
         """The same directory and budget, for slots named ``prefix``-N."""
-        return SlotDirectory(self.path, self._budget, self.idle, prefix, self.cache_idle)
+        kind = SlotDirectory(self.path, self._budget, self.idle, prefix, self.cache_idle)
+        kind._collapse = self._collapse
+        return kind
 
     @property
     def budget(self) -> int:
@@ -298,21 +304,51 @@ class SlotDirectory:
                 path = renamed
             length = os.fstat(fd).st_size
             if length < size:
-                try:
-                    os.posix_fallocate(fd, 0, size)  # reserved now: no SIGBUS later
-                except OSError:
+                grown = self._grow(fd, length, size)
+                if grown is None:
                     if create:
                         os.unlink(path)
                     return None
-                length = size
+                length = grown
             if length > 2 * size:
                 return None  # taken by a bigger reader since the scan
             os.utime(fd)  # last claimed (for the idle clean-up)
-            buf = SlotMap(fd, length)  # holds a duplicate of fd, and so the lock
+            buf = self._map(lambda: SlotMap(fd, length), length)  # holds fd (the lock)
             buf.path, buf.ino = path, os.fstat(fd).st_ino
             return path, buf
         finally:
             os.close(fd)
+
+    def _grow(self, fd: int, length: int, size: int) -> int | None:
+        """Grows the file ``fd`` from ``length`` to at least ``size`` bytes, reserved now (no
+        ``SIGBUS`` on a later write); its new length, or None if the file system is full.
+
+        On a tmpfs without huge pages, the whole 2 MiB pages of the new part are collapsed
+        into huge pages first (:mod:`dataloaders._huge`): filling and mapping the slot then
+        cost what they do on a ``huge=within_size`` mount."""
+        try:
+            start, end = -(-length // HUGE_PAGE) * HUGE_PAGE, size // HUGE_PAGE * HUGE_PAGE
+            if start < end and self._collapses():
+                os.ftruncate(fd, size)
+                collapse_new_range(fd, start, end)
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, length)
+            return None
+        return size
+
+    def _map(self, make: Callable[[], SlotMap], length: int) -> SlotMap:
+        """``make()``, at an address where huge pages are mapped whole if slots here are
+        collapsed into them (elsewhere the kernel aligns by itself, or there are none)."""
+        return map_aligned(make, length) if self._collapses() else make()
+
+    def _collapses(self) -> bool:
+        """Whether new slots here are collapsed into huge pages: on a tmpfs whose mount
+        gives ``posix_fallocate`` 4 KiB pages (``never``, ``advise``)."""
+        if self._collapse is None:
+            self._collapse = tmpfs_huge_pages(self.path) in ("never", "advise")
+        return self._collapse
 
     def _rename_to_slot(self, path: str, fd: int) -> str | None:
         """Gives the cache file ``path`` (locked through ``fd``) a free ``slot-N`` name.
@@ -356,7 +392,7 @@ class SlotDirectory:
             if not _names(path, fd) or st.st_size < size:
                 return None
             os.utime(fd)  # last used, for the least-recently-used take-over
-            buf = SlotMap(fd, st.st_size, access=mmap.ACCESS_READ)
+            buf = self._map(lambda: SlotMap(fd, st.st_size, access=mmap.ACCESS_READ), st.st_size)
             buf.path, buf.ino = path, st.st_ino
             return buf
         except OSError:

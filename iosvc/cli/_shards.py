@@ -130,6 +130,7 @@ def buffers(
     """Show (or --clear) the memory data loaders keep in tmpfs on this node: shard
     buffers (slot-N) and batch arenas (batch-N), reused from one epoch and run to the next,
     and the node cache (cache-KEY: remote shard files kept for the next readers)."""
+    from dataloaders._huge import huge_bytes
     from dataloaders._slots import KINDS, SlotDirectory, default_slot_dir, tmpfs_huge_pages
 
     path = directory or default_slot_dir()
@@ -157,13 +158,23 @@ def buffers(
     if huge in ("always", "within_size"):
         console.print(f"  in huge pages (tmpfs huge={huge})", highlight=False)
     elif huge is not None:  # never, deny, or advise (slots are reserved with fallocate)
-        console.print(
-            f"  in 4 KiB pages (a tmpfs with huge={huge}): mapping them costs 4-6x what 2 MiB "
-            "pages do; ask your admins for a tmpfs mounted with huge=within_size and set "
-            "$DATALOADERS_BUFFER_DIR to a directory in it",
-            highlight=False,
-            soft_wrap=True,
-        )
+        collapsed = sum(huge_bytes(os.path.join(path, f.name)) for f in files)
+        if collapsed:
+            console.print(
+                f"  {format_size(collapsed)} in 2 MiB pages: collapsed by the readers, as "
+                f"the tmpfs has huge={huge} (Linux >= 6.1)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        else:
+            console.print(
+                f"  in 4 KiB pages (a tmpfs with huge={huge}; readers collapse new files into "
+                "2 MiB pages where the kernel can, Linux >= 6.1): mapping them costs 4-6x "
+                "what 2 MiB pages do; where they stay so, ask your admins for a tmpfs mounted "
+                "with huge=within_size and set $DATALOADERS_BUFFER_DIR to a directory in it",
+                highlight=False,
+                soft_wrap=True,
+            )
     now = time.time()
     if each:
         for f in files:

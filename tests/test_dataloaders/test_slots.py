@@ -6,6 +6,7 @@ import contextlib
 import functools
 import gc
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ import pytest
 import dataloaders._cache
 from dataloaders import DataLoader, StreamingDataset, write_shards
 from dataloaders._cache import BufferPool
+from dataloaders._huge import HUGE_PAGE, _address, huge_bytes
 from dataloaders._slots import SlotDirectory, default_slot_dir, tmpfs_huge_pages
 
 from .helpers import checked_images
@@ -190,6 +192,59 @@ def test_a_full_file_system_refuses_the_claim_instead_of_a_sigbus(small_tmpfs: s
     pool = BufferPool(keep=2, slots=slots)
     buf = pool.get(3 * MiB)  # private memory, writable
     buf[-1:] = b"y"
+
+
+def _collapse_supported() -> bool:
+    """Whether this kernel collapses tmpfs files into huge pages (``MADV_COLLAPSE``, 6.1)."""
+    release = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
+    try:
+        shmem = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
+    except OSError:
+        return False
+    return sys.platform == "linux" and release >= (6, 1) and "[deny]" not in shmem
+
+
+def test_slots_on_a_tmpfs_without_huge_pages_are_collapsed_into_them(tmp_path: Path) -> None:
+    if not _collapse_supported():
+        pytest.skip("this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)")
+    with _tmpfs(tmp_path / "plain", "size=64m,mode=0700") as mount:
+        slots = SlotDirectory(str(mount / "slots"), budget=48 * MiB)
+        claimed = slots.claim_file(6 * MiB + 4096)
+        assert claimed is not None
+        path, buf = claimed
+        assert len(buf) == 6 * MiB + 4096  # not rounded up: the whole huge pages are huge
+        assert huge_bytes(path) == 6 * MiB
+        assert _address(buf) % HUGE_PAGE == 0  # mapped where huge pages map whole
+        data = os.urandom(len(buf))
+        buf[:] = data
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert os.pread(fd, len(data) + 1, 0) == data  # every byte, none past the end
+        finally:
+            os.close(fd)
+        assert slots.publish(buf, "key")
+        buf.close()
+        cached = slots.open_cached("key", len(data))
+        assert cached is not None and cached[:] == data and _address(cached) % HUGE_PAGE == 0
+        cached.close()
+
+        small = slots.claim_file(1 * MiB)  # under a huge page: as it was
+        assert small is not None and len(small[1]) == 1 * MiB and huge_bytes(small[0]) == 0
+        small[1].close()
+        grown = slots.claim_file(5 * MiB)  # that slot grows: its new whole huge page only
+        assert grown is not None and grown[0] == small[0] and len(grown[1]) == 5 * MiB
+        assert huge_bytes(grown[0]) == 2 * MiB  # [2, 4) MiB; [1, 2) and [4, 5) in 4 KiB
+
+
+def test_the_buffers_command_counts_collapsed_huge_pages(tmp_path: Path, iosvc_cli: Any) -> None:
+    if not _collapse_supported():
+        pytest.skip("this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)")
+    with _tmpfs(tmp_path / "plain", "size=64m") as mount:
+        held = SlotDirectory(str(mount / "slots")).claim(8 * MiB)
+        shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
+        assert shown.returncode == 0, shown.stderr
+        assert "8MiB in 2 MiB pages: collapsed by the readers" in shown.stdout
+        del held
 
 
 def test_default_directory_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
