@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataloaders._huge import map_aligned
 from dataloaders._slots import SlotDirectory
 
 __all__ = ["ArenaRef", "BatchArena", "open_batch"]
@@ -211,10 +212,10 @@ class _Reader:
             if os.fstat(fd).st_ino != ref.inode:  # replaced since the batch was sent
                 os.close(fd)
                 return None
-            got = (fd, mmap.mmap(fd, 0))
+            got = (fd, _map_whole(fd))
             self._files[key] = got
         if len(got[1]) < end:
-            got = (got[0], mmap.mmap(got[0], 0))
+            got = (got[0], _map_whole(got[0]))
             self._files[key] = got
         return got
 
@@ -274,6 +275,11 @@ class _Reader:
             buf = mapped[1]
         total = int(np.frombuffer(buf, dtype="<i8", count=1, offset=ref.offset + n * 8)[0])
         return ref.offset + blobs_bytes(n, total)
+
+
+def _map_whole(fd: int) -> mmap.mmap:
+    """The arena file ``fd`` mapped whole, where its huge pages (if any) map whole."""
+    return map_aligned(lambda: mmap.mmap(fd, 0), os.fstat(fd).st_size)
 
 
 def _release(fd: int, start: int, length: int) -> None:

@@ -6,11 +6,17 @@ This package is ``tests/test_dataloaders`` rather than ``tests/dataloaders``: py
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 
 def make_samples(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
@@ -58,3 +64,32 @@ def checked_images(loader: Any, samples: list[dict[str, Any]]) -> int:
             assert image == samples[i]["image"]
             got += 1
     return got
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mount`` for the block; the test is skipped where it cannot be
+    (not root, or root without CAP_SYS_ADMIN as in some containers)."""
+    mount.mkdir(exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def collapse_supported() -> bool:
+    """Whether this kernel collapses tmpfs files into huge pages (``MADV_COLLAPSE``, 6.1)."""
+    release = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
+    try:
+        shmem = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
+    except OSError:
+        return False
+    return sys.platform == "linux" and release >= (6, 1) and "[deny]" not in shmem

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 from dataloaders import DataLoader, StreamingDataset, write_shards
-from dataloaders._arena import ArenaRef, BatchArena, batch_bytes, open_batch
+from dataloaders._arena import _READER, ArenaRef, BatchArena, batch_bytes, open_batch
+from dataloaders._huge import HUGE_PAGE, _address, huge_bytes
 from dataloaders._slots import SlotDirectory
+
+from .helpers import collapse_supported, tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 600
@@ -116,6 +119,27 @@ def test_a_slot_is_free_again_only_when_every_view_of_its_batch_is_gone(
     c = open_batch(send(3))  # a's slot again
     assert float(c["x"].sum()) == 24.0 and int(b["y"].sum()) == 8  # b untouched
     del b, c
+
+
+def test_arenas_on_a_tmpfs_without_huge_pages_are_mapped_in_them_by_both_sides(
+    tmp_path: Path,
+) -> None:
+    if not collapse_supported():
+        pytest.skip("this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)")
+    with tmpfs(tmp_path / "plain", "size=64m,mode=0700") as mount:
+        arena = BatchArena(SlotDirectory(str(mount / "slots"), budget=48 << 20), count=2)
+        fields = [((1024, 1024), np.dtype("float32"))]  # 4 MiB batches
+        slot = arena.batch(batch_bytes(fields))
+        assert slot is not None
+        x, ref = slot.array(*fields[0])
+        x[:] = np.arange(1024, dtype=np.float32)
+        assert huge_bytes(ref.path) >= 8 << 20  # two 4 MiB slots (and headroom)
+        assert _address(slot._buf) % HUGE_PAGE == 0  # the worker's mapping
+        batch = open_batch({"x": ref})
+        assert torch.equal(batch["x"][7], torch.arange(1024, dtype=torch.float32))
+        reader = _READER._files[(ref.path, ref.inode)][1]
+        assert _address(reader) % HUGE_PAGE == 0  # the main process's mapping
+        del batch, reader
 
 
 def test_a_batch_whose_slot_was_claimed_again_is_an_error(tmp_path: Path) -> None:

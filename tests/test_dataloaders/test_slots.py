@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -23,7 +21,7 @@ from dataloaders._cache import BufferPool
 from dataloaders._huge import HUGE_PAGE, _address, huge_bytes
 from dataloaders._slots import SlotDirectory, default_slot_dir, tmpfs_huge_pages
 
-from .helpers import checked_images
+from .helpers import checked_images, collapse_supported, tmpfs
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,29 +154,10 @@ def test_a_directory_that_is_not_private_or_a_symlinked_slot_is_never_used(
     assert _slots(str(private)) == ["slot-0", "slot-1"]
 
 
-@contextlib.contextmanager
-def _tmpfs(mount: Path, options: str) -> Iterator[Path]:
-    """A tmpfs mounted at ``mount`` for the block; the test is skipped where it cannot be
-    (not root, or root without CAP_SYS_ADMIN as in some containers)."""
-    mount.mkdir(exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[str]:
     """A 4 MiB tmpfs: a file system that really fills up."""
-    with _tmpfs(tmp_path / "tmpfs", "size=4m,mode=0700") as mount:
+    with tmpfs(tmp_path / "tmpfs", "size=4m,mode=0700") as mount:
         yield str(mount / "slots")
 
 
@@ -194,20 +173,10 @@ def test_a_full_file_system_refuses_the_claim_instead_of_a_sigbus(small_tmpfs: s
     buf[-1:] = b"y"
 
 
-def _collapse_supported() -> bool:
-    """Whether this kernel collapses tmpfs files into huge pages (``MADV_COLLAPSE``, 6.1)."""
-    release = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
-    try:
-        shmem = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
-    except OSError:
-        return False
-    return sys.platform == "linux" and release >= (6, 1) and "[deny]" not in shmem
-
-
 def test_slots_on_a_tmpfs_without_huge_pages_are_collapsed_into_them(tmp_path: Path) -> None:
-    if not _collapse_supported():
+    if not collapse_supported():
         pytest.skip("this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)")
-    with _tmpfs(tmp_path / "plain", "size=64m,mode=0700") as mount:
+    with tmpfs(tmp_path / "plain", "size=64m,mode=0700") as mount:
         slots = SlotDirectory(str(mount / "slots"), budget=48 * MiB)
         claimed = slots.claim_file(6 * MiB + 4096)
         assert claimed is not None
@@ -237,9 +206,9 @@ def test_slots_on_a_tmpfs_without_huge_pages_are_collapsed_into_them(tmp_path: P
 
 
 def test_the_buffers_command_counts_collapsed_huge_pages(tmp_path: Path, iosvc_cli: Any) -> None:
-    if not _collapse_supported():
+    if not collapse_supported():
         pytest.skip("this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)")
-    with _tmpfs(tmp_path / "plain", "size=64m") as mount:
+    with tmpfs(tmp_path / "plain", "size=64m") as mount:
         held = SlotDirectory(str(mount / "slots")).claim(8 * MiB)
         shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
         assert shown.returncode == 0, shown.stderr
@@ -328,10 +297,10 @@ def test_tmpfs_huge_pages_reads_the_mount_of_a_path(tmp_path: Path) -> None:
 def test_the_buffers_command_tells_whether_the_directory_has_huge_pages(
     tmp_path: Path, iosvc_cli: Any
 ) -> None:
-    with _tmpfs(tmp_path / "huge", "huge=within_size,size=64m") as mount:
+    with tmpfs(tmp_path / "huge", "huge=within_size,size=64m") as mount:
         shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
         assert shown.returncode == 0, shown.stderr
         assert "in huge pages (tmpfs huge=within_size)" in shown.stdout
-    with _tmpfs(tmp_path / "plain", "size=64m") as mount:
+    with tmpfs(tmp_path / "plain", "size=64m") as mount:
         shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
         assert "in 4 KiB pages" in shown.stdout and "huge=within_size" in shown.stdout
