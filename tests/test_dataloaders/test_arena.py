@@ -128,8 +128,8 @@ def test_arenas_on_a_tmpfs_without_huge_pages_are_mapped_in_them_by_both_sides(
         pytest.skip("this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)")
     with tmpfs(tmp_path / "plain", "size=64m,mode=0700") as mount:
         arena = BatchArena(SlotDirectory(str(mount / "slots"), budget=48 << 20), count=2)
-        fields = [((1024, 1024), np.dtype("float32"))]  # 4 MiB batches
-        fields: list[tuple[tuple[int, ...], np.dtype[Any]]] = [((1024, 1024), np.dtype("float32"))]
+        fields: list[tuple[tuple[int, ...], np.dtype[Any]]] = [((1024, 1024), np.dtype("f4"))]
+        slot = arena.batch(batch_bytes(fields))  # 4 MiB batches
         assert slot is not None
         x, ref = slot.array(*fields[0])
         x[:] = np.arange(1024, dtype=np.float32)
