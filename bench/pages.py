@@ -1,22 +1,25 @@
 """What a buffer directory's page size costs: filling and mapping a 64 MiB file on
-``/dev/shm`` (tmpfs, 4 KiB pages), on a tmpfs mounted with ``huge=within_size`` (2 MiB
-pages; this script mounts one, root needed) and on local disk (the page cache, which ext4
-fills with large folios).
+``/dev/shm`` (tmpfs, 4 KiB pages), on ``/dev/shm`` the way readers make their slots there
+(collapsed into 2 MiB pages and mapped at aligned addresses, ``dataloaders/_huge.py``), on a
+tmpfs mounted with ``huge=within_size`` (2 MiB pages; this script mounts one, root needed)
+and on local disk (the page cache, which ext4 fills with large folios).
 
     python bench/pages.py [--json bench/results/pages.json]
 
-Per place, the median of ``REPEATS`` runs of: ``fill_mapped`` (a slot's way:
+Per place, the median of ``REPEATS`` runs of: ``fill_mapped`` (a new slot's way:
 ``posix_fallocate`` then writing through a shared mapping, as a socket's ``recv_into``
-does), ``fill_write`` (``write()`` of the bytes) and ``map_read`` (a fresh read-only mapping
-of the file, hashed whole with xxh3 as a block check reads it, then unmapped: what a node
-cache hit or an in-place read costs), each with its page faults. Ratios are to the huge-page
-tmpfs, in the same run. Why it matters: ``dataloaders/_slots.py`` (``tmpfs_huge_pages``)
-and README ("For administrators").
+does), ``refill_mapped`` (the same into the existing file: a slot reused), ``fill_write``
+(``write()`` of the bytes) and ``map_read`` (a fresh read-only mapping of the file, hashed
+whole with xxh3 as a block check reads it, then unmapped: what a node cache hit or an
+in-place read costs), each with its page faults. Ratios are to the huge-page tmpfs, in the
+same run. Why it matters: ``dataloaders/_huge.py``, ``dataloaders/_slots.py``
+(``tmpfs_huge_pages``) and README ("Huge pages").
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import mmap
 import os
@@ -31,8 +34,11 @@ from typing import Any
 
 import xxhash
 
+from dataloaders._huge import collapse_new_range, map_aligned
+
 SIZE = 64 << 20
 REPEATS = 7
+COLLAPSED = "/dev/shm, collapsed"  # as dataloaders' slots are made there
 
 
 def _faults() -> int:
@@ -45,31 +51,56 @@ def _timed(step: Callable[[], None]) -> tuple[float, int]:
     return time.perf_counter() - t0, _faults() - f0
 
 
-def measure(directory: Path, data: bytes) -> dict[str, Any]:
-    """The three steps on a file in ``directory``: median seconds and faults of each."""
+def measure(directory: Path, data: bytes, *, collapse: bool = False) -> dict[str, Any]:
+    """The three steps on a file in ``directory``: median seconds and faults of each; with
+    ``collapse``, new files are collapsed into huge pages first and mapped aligned."""
     path = directory / "pages-bench"
-    out: dict[str, list[tuple[float, int]]] = {"fill_mapped": [], "fill_write": [], "map_read": []}
+    out: dict[str, list[tuple[float, int]]] = {
+        "fill_mapped": [],
+        "refill_mapped": [],
+        "fill_write": [],
+        "map_read": [],
+    }
+
+    def new_file() -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        if collapse:
+            os.ftruncate(fd, SIZE)
+            collapse_new_range(fd, 0, SIZE)
+        return fd
+
+    def mapped(fd: int, **options: Any) -> mmap.mmap:
+        make = functools.partial(mmap.mmap, fd, 0 if options else SIZE, **options)
+        return map_aligned(make, SIZE) if collapse else make()
 
     def fill_mapped() -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = new_file()
         try:
             os.posix_fallocate(fd, 0, SIZE)
-            with mmap.mmap(fd, SIZE) as m:
+            with mapped(fd) as m:
+                m[:] = data
+        finally:
+            os.close(fd)
+
+    def refill_mapped() -> None:  # a slot reused: its pages exist
+        fd = os.open(path, os.O_RDWR)
+        try:
+            with mapped(fd) as m:
                 m[:] = data
         finally:
             os.close(fd)
 
     def fill_write() -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = new_file()
         try:
-            os.write(fd, data)
+            os.pwrite(fd, data, 0)
         finally:
             os.close(fd)
 
     def map_read() -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            with mapped(fd, access=mmap.ACCESS_READ) as m:
                 xxhash.xxh3_64_intdigest(m)
         finally:
             os.close(fd)
@@ -79,6 +110,7 @@ def measure(directory: Path, data: bytes) -> dict[str, Any]:
             path.unlink(missing_ok=True)
             out[name].append(_timed(step))
             out["map_read"].append(_timed(map_read))
+        out["refill_mapped"].append(_timed(refill_mapped))
     path.unlink(missing_ok=True)
     return {
         name: {
@@ -100,6 +132,7 @@ def main() -> None:
     places["local disk"].mkdir()
     if os.path.isdir("/dev/shm"):
         places["/dev/shm"] = Path(tempfile.mkdtemp(prefix="bench-pages-", dir="/dev/shm"))
+        places[COLLAPSED] = places["/dev/shm"]
     huge = work / "huge"
     huge.mkdir()
     mounted = (
@@ -115,11 +148,11 @@ def main() -> None:
     results: dict[str, Any] = {}
     try:
         for name, directory in places.items():
-            results[name] = measure(directory, data)
+            results[name] = measure(directory, data, collapse=name == COLLAPSED)
     finally:
         if mounted:
             subprocess.run(["umount", str(huge)], check=False)
-        for directory in places.values():
+        for directory in set(places.values()):
             subprocess.run(["rm", "-rf", str(directory)], check=False)
         subprocess.run(["rm", "-rf", str(work)], check=False)
     base = results.get("tmpfs huge=within_size")
