@@ -14,7 +14,10 @@ mapping keeps (the lock belongs to the open file, and the mapping holds a duplic
 descriptor), so the kernel releases it when the buffer is dropped or the process ends,
 however it ends. Slots are reserved with ``posix_fallocate``: a full tmpfs is a refused
 claim (the caller falls back to private memory), never a ``SIGBUS`` on a write into the
-mapping. All slots together stay within ``budget`` bytes (checked at each claim; racing
+mapping. On a tmpfs without ``huge=`` (``/dev/shm``), a new slot's whole 2 MiB pages are
+first collapsed into huge pages and every mapping of a slot or cache file is made at a
+2 MiB-aligned address (:mod:`dataloaders._huge`), so that filling and mapping them cost what
+they do on a huge-page mount. All slots together stay within ``budget`` bytes (checked at each claim; racing
 claims can pass it by a slot). A slot nobody has claimed for ``idle`` seconds is deleted by
 the next claim, so the memory returns to the node once its readers stop.
 
@@ -75,12 +78,13 @@ def tmpfs_huge_pages(path: str, mountinfo: str = "/proc/self/mountinfo") -> str 
 
     Why it matters: without it, tmpfs keeps files in 4 KiB pages, and mapping one costs a
     page-table entry per 4 KiB (with ``unmap`` the same again). Mapping and hashing a
-    64 MiB file took 16.7 ms on ``/dev/shm`` here, 2.8 ms on a tmpfs mounted with
-    ``huge=within_size`` (2 MiB pages); filling one through a mapping 52.5 ms against
-    8.4 ms (``bench/results/pages.json``). Only an administrator can mount one
+    64 MiB file took 12.7 ms on ``/dev/shm`` here, 2.1 ms on a tmpfs mounted with
+    ``huge=within_size`` (2 MiB pages); filling a new one through a mapping 46.0 ms against
+    6.4 ms (``bench/results/pages.json``). Only an administrator can mount one
     (``mount -t tmpfs -o huge=within_size,size=..,mode=1777 tmpfs DIR``); readers then use
     it through ``$DATALOADERS_BUFFER_DIR``. Slots are reserved with ``posix_fallocate``,
-    which takes huge pages only from ``within_size`` and ``always`` mounts.
+    which takes huge pages only from ``within_size`` and ``always`` mounts; elsewhere (Linux
+    >= 6.1) readers collapse new slots into huge pages themselves (:mod:`dataloaders._huge`).
     """
     try:
         target = os.path.realpath(path)
