@@ -18,8 +18,9 @@ mapping. On a tmpfs without ``huge=`` (``/dev/shm``), a new slot's whole 2 MiB p
 first collapsed into huge pages and every mapping of a slot or cache file is made at a
 2 MiB-aligned address (:mod:`dataloaders._huge`), so that filling and mapping them cost what
 they do on a huge-page mount. All slots together stay within ``budget`` bytes (checked at
-each claim; racing claims can pass it by a slot). A slot nobody has claimed for ``idle`` seconds is deleted by
-the next claim, so the memory returns to the node once its readers stop.
+each claim; racing claims can pass it by a slot). A slot nobody has claimed for ``idle``
+seconds is deleted by the next claim, so the memory returns to the node once its readers
+stop.
 
 **Node cache.** A slot that received a remote shard file, once the file's manifest checksum
 has passed, is renamed ``cache-<key>`` (:meth:`SlotDirectory.publish`): ``key`` names the
