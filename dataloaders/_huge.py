@@ -29,7 +29,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -38,6 +38,7 @@ __all__ = ["HUGE_PAGE", "collapse_new_range", "huge_bytes", "map_aligned"]
 
 HUGE_PAGE = 2 << 20
 _ATTEMPTS = 8  # mappings made to fill older gaps before giving up on alignment
+_SMAPS_BATCH = 256  # files mapped at once by huge_bytes
 _M = TypeVar("_M", bound=mmap.mmap)
 _MADV_COLLAPSE = 25  # <linux/mman.h>, Linux >= 6.1
 _PROT_NONE, _PROT_READ = 0, 1
@@ -89,37 +90,63 @@ def collapse_new_range(fd: int, start: int, end: int) -> bool:
         return address is not None and libc.madvise(address, length, _MADV_COLLAPSE) == 0
 
 
-def huge_bytes(path: str) -> int:
-    """How many bytes of the tmpfs file ``path`` are in 2 MiB pages (counted as the kernel
-    maps them at an aligned address: ``ShmemPmdMapped``); 0 if it cannot tell."""
+def huge_bytes(paths: Iterable[str]) -> int:
+    """How many bytes of the tmpfs files ``paths`` are in 2 MiB pages, counted as the kernel
+    maps them at aligned addresses (``ShmemPmdMapped``); 0 for files it cannot tell of."""
+    if isinstance(paths, str):
+        raise TypeError("huge_bytes takes paths, not one path")
     libc = _libc()
+    if libc is None:
+        return 0
+    total = 0
+    paths = list(paths)
+    for at in range(0, len(paths), _SMAPS_BATCH):  # one read of smaps per batch of files
+        with contextlib.ExitStack() as stack:
+            mapped = (_map_huge_part(stack, libc, path) for path in paths[at : at + _SMAPS_BATCH])
+            addresses = [address for address in mapped if address is not None]
+            if not addresses:
+                continue
+            with open("/proc/self/smaps") as smaps:
+                text = smaps.read()
+        # Each mapping's header line, then its fields (this one in every kernel since 4.8).
+        for address in addresses:
+            found = re.search(
+                rf"^{address:x}-[^\n]*\n(?:[A-Z][^\n]*\n)*?ShmemPmdMapped:\s+(\d+) kB", text, re.M
+            )
+            total += int(found[1]) * 1024 if found else 0
+    return total
+
+
+def _map_huge_part(stack: contextlib.ExitStack, libc: Any, path: str) -> int | None:
+    """The address of the file ``path``'s whole 2 MiB pages, mapped (until ``stack`` closes)
+    and touched once per 2 MiB; None for a file of none or that cannot be mapped."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
-        return 0
+        return None
     try:
         length = os.fstat(fd).st_size // HUGE_PAGE * HUGE_PAGE
-        return _pmd_mapped(libc, fd, length) if libc is not None and length else 0
+        if not length:
+            return None
+        address: int | None = stack.enter_context(_aligned_mapping(libc, fd, 0, length))
     finally:
-        os.close(fd)
-
-
-def _pmd_mapped(libc: Any, fd: int, length: int) -> int:
-    with _aligned_mapping(libc, fd, 0, length) as address:
-        if address is None:
-            return 0
+        os.close(fd)  # the mapping keeps the file
+    if address is not None:
         for offset in range(0, length, HUGE_PAGE):
-            ctypes.string_at(address + offset, 1)  # a read fault maps a whole huge page
-        with open("/proc/self/smaps") as smaps:
-            text = smaps.read()
-    # This mapping's header line, then its fields (the field is in every kernel since 4.8).
-    found = re.search(
-        rf"^{address:x}-[^\n]*\n(?:[A-Z][^\n]*\n)*?ShmemPmdMapped:\s+(\d+) kB", text, re.M
-    )
-    return int(found[1]) * 1024 if found else 0
+            ctypes.string_at(address + offset, 1)  # a read maps a huge page whole
+    return address
 
 
 _aligning = threading.Lock()
+
+
+def _new_lock_after_fork() -> None:
+    """A child forked while another thread held the lock would never see it released."""
+    global _aligning
+    _aligning = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def map_aligned(make: Callable[[], _M], length: int) -> _M:

@@ -158,7 +158,7 @@ def buffers(
     if huge in ("always", "within_size"):
         console.print(f"  in huge pages (tmpfs huge={huge})", highlight=False)
     elif huge is not None:  # never, deny, or advise (slots are reserved with fallocate)
-        collapsed = sum(huge_bytes(os.path.join(path, f.name)) for f in files)
+        collapsed = huge_bytes(os.path.join(path, f.name) for f in files)
         if collapsed:
             console.print(
                 f"  {format_size(collapsed)} in 2 MiB pages: collapsed by the readers, as "

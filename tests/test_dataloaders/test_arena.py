@@ -133,7 +133,7 @@ def test_arenas_on_a_tmpfs_without_huge_pages_are_mapped_in_them_by_both_sides(
         assert slot is not None
         x, ref = slot.array(*fields[0])
         x[:] = np.arange(1024, dtype=np.float32)
-        assert huge_bytes(ref.path) >= 8 << 20  # two 4 MiB slots (and headroom)
+        assert huge_bytes([ref.path]) >= 8 << 20  # two 4 MiB slots (and headroom)
         assert _address(slot._buf) % HUGE_PAGE == 0  # the worker's mapping
         batch = open_batch({"x": ref})
         assert torch.equal(batch["x"][7], torch.arange(1024, dtype=torch.float32))

@@ -182,7 +182,7 @@ def test_slots_on_a_tmpfs_without_huge_pages_are_collapsed_into_them(tmp_path: P
         assert claimed is not None
         path, buf = claimed
         assert len(buf) == 6 * MiB + 4096  # not rounded up: the whole huge pages are huge
-        assert huge_bytes(path) == 6 * MiB
+        assert huge_bytes([path]) == 6 * MiB
         assert _address(buf) % HUGE_PAGE == 0  # mapped where huge pages map whole
         data = os.urandom(len(buf))
         buf[:] = data
@@ -198,11 +198,11 @@ def test_slots_on_a_tmpfs_without_huge_pages_are_collapsed_into_them(tmp_path: P
         cached.close()
 
         small = slots.claim_file(1 * MiB)  # under a huge page: as it was
-        assert small is not None and len(small[1]) == 1 * MiB and huge_bytes(small[0]) == 0
+        assert small is not None and len(small[1]) == 1 * MiB and huge_bytes([small[0]]) == 0
         small[1].close()
         grown = slots.claim_file(5 * MiB)  # that slot grows: its new whole huge page only
         assert grown is not None and grown[0] == small[0] and len(grown[1]) == 5 * MiB
-        assert huge_bytes(grown[0]) == 2 * MiB  # [2, 4) MiB; [1, 2) and [4, 5) in 4 KiB
+        assert huge_bytes([grown[0]]) == 2 * MiB  # [2, 4) MiB; [1, 2) and [4, 5) in 4 KiB
 
 
 def test_the_buffers_command_counts_collapsed_huge_pages(tmp_path: Path, iosvc_cli: Any) -> None:
