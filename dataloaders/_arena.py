@@ -279,7 +279,8 @@ class _Reader:
 
 def _map_whole(fd: int) -> mmap.mmap:
     """The arena file ``fd`` mapped whole, where its huge pages (if any) map whole."""
-    return map_aligned(lambda: mmap.mmap(fd, 0), os.fstat(fd).st_size)
+    size = os.fstat(fd).st_size  # mapped at that size: a worker may grow the file meanwhile
+    return map_aligned(lambda: mmap.mmap(fd, size), size)
 
 
 def _release(fd: int, start: int, length: int) -> None:

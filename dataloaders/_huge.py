@@ -2,9 +2,10 @@
 
 Why: tmpfs keeps a file in 4 KiB pages unless its mount says ``huge=``, and filling or
 mapping one pays a page-table entry (and a fault per 4 KiB written, per 64 KiB read). A
-64 MiB slot here: filled through a mapping in ~55 ms, mapped and hashed in ~18 ms, against
-~6 and ~3 ms in 2 MiB pages. ``/dev/shm`` is mounted without ``huge=`` nearly everywhere,
-and only an administrator can mount another tmpfs.
+64 MiB file here (``bench/results/pages.json``): filled through a mapping in 46.0 ms (28.0 ms
+when its pages exist), mapped and hashed in 12.7 ms, against 9.7 (5.4) and 2.3 ms collapsed
+into 2 MiB pages. ``/dev/shm`` is mounted without ``huge=`` nearly everywhere, and only an
+administrator can mount another tmpfs.
 
 How: Linux 6.1 added ``MADV_COLLAPSE``, which moves a mapped range of a file into 2 MiB
 pages at once, whatever the mount says (unless ``shmem_enabled`` is ``deny``).
@@ -41,6 +42,8 @@ _ATTEMPTS = 8  # mappings made to fill older gaps before giving up on alignment
 _SMAPS_BATCH = 256  # files mapped at once by huge_bytes
 _M = TypeVar("_M", bound=mmap.mmap)
 _MADV_COLLAPSE = 25  # <linux/mman.h>, Linux >= 6.1
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
+_MAP_FIXED_NOREPLACE = 0x100000  # Linux >= 4.17 (older kernels take it for a hint)
 _PROT_NONE, _PROT_READ = 0, 1
 _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
 _MAP_FAILED = ctypes.c_void_p(-1).value
@@ -48,7 +51,13 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 @functools.cache
 def _libc() -> Any | None:
-    if not sys.platform.startswith("linux"):
+    """libc, on Linux with 2 MiB transparent huge pages (not e.g. arm64 with 64 KiB base
+    pages, where they are 512 MiB); None elsewhere, and this module does nothing."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            if not sys.platform.startswith("linux") or int(f.read()) != HUGE_PAGE:
+                return None
+    except (OSError, ValueError):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -119,7 +128,7 @@ def huge_bytes(paths: Iterable[str]) -> int:
 
 def _map_huge_part(stack: contextlib.ExitStack, libc: Any, path: str) -> int | None:
     """The address of the file ``path``'s whole 2 MiB pages, mapped (until ``stack`` closes)
-    and touched once per 2 MiB; None for a file of none or that cannot be mapped."""
+    and its huge pages faulted in; None for a file of none or that cannot be mapped."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
@@ -129,11 +138,17 @@ def _map_huge_part(stack: contextlib.ExitStack, libc: Any, path: str) -> int | N
         if not length:
             return None
         address: int | None = stack.enter_context(_aligned_mapping(libc, fd, 0, length))
+        if address is not None:
+            for offset in range(0, length, HUGE_PAGE):
+                # Only 2 MiB that start with data (a huge page does): reading a hole of a
+                # tmpfs file through a shared mapping would allocate a page in it. Faulted in
+                # by madvise, which fails where a plain read would raise SIGBUS (a file cut
+                # short meanwhile, a full tmpfs).
+                with contextlib.suppress(OSError):
+                    if os.lseek(fd, offset, os.SEEK_DATA) == offset:
+                        libc.madvise(address + offset, HUGE_PAGE, _MADV_POPULATE_READ)
     finally:
         os.close(fd)  # the mapping keeps the file
-    if address is not None:
-        for offset in range(0, length, HUGE_PAGE):
-            ctypes.string_at(address + offset, 1)  # a read maps a huge page whole
     return address
 
 
@@ -157,11 +172,12 @@ def map_aligned(make: Callable[[], _M], length: int) -> _M:
     an address that agrees with the file offset modulo 2 MiB, and it aligns mappings only
     for files on mounts with ``huge=``. Filling a collapsed 64 MiB slot through an aligned
     mapping took ~6 ms here, ~30 ms through an unaligned one (16k faults); mapping and
-    hashing it ~3 ms against ~6 ms. How: reserve ``length`` + 2 MiB of address space and
-    free exactly ``length`` bytes of it at an aligned address. The kernel maps into the
-    highest free gap that fits: that hole, unless an older gap above fits too; a mapping
-    that lands in such a gap is kept (it fills the gap) while ``make`` is called again, and
-    closed after. Best effort: the result may still be unaligned (then merely slower).
+    hashing it ~3 against ~6 ms (dev timings). How: reserve ``length`` + 2 MiB of address
+    space and free exactly ``length`` bytes of it at an aligned address. The kernel maps
+    into the highest free gap that fits: that hole, unless an older gap above fits too; a
+    mapping that lands in such a gap is kept (it fills the gap) while ``make`` is called
+    again, up to 8 times, and closed after. Best effort: the result may still be unaligned
+    (then merely slower).
     """
     libc = _libc()
     length = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -191,6 +207,40 @@ def map_aligned(make: Callable[[], _M], length: int) -> _M:
                 libc.munmap(reserved, aligned - reserved)
             if end > aligned + length:
                 libc.munmap(aligned + length, end - aligned - length)
+
+
+def _address(mapping: mmap.mmap) -> int:
+    """Where ``mapping`` starts (read-only ones too, which ctypes cannot point into)."""
+    return int(np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data)
+
+
+@contextlib.contextmanager
+def _aligned_mapping(libc: Any, fd: int, start: int, length: int) -> Iterator[int | None]:
+    """A read-only shared mapping of ``fd``'s ``[start, start + length)`` at a 2 MiB-aligned
+    address (None if it could not be made), unmapped on exit.
+
+    The kernel maps and collapses huge pages only where the address and the file offset
+    agree modulo 2 MiB; ``mmap`` of a file on a mount without ``huge=`` does not align.
+    The mapping goes into a hole freed in a reservation, with ``MAP_FIXED_NOREPLACE``: it
+    never replaces a mapping another thread may have made there meanwhile.
+    """
+    reserved = libc.mmap(None, length + HUGE_PAGE, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+    if reserved in (None, _MAP_FAILED):
+        yield None
+        return
+    aligned = (reserved + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+    end = reserved + length + HUGE_PAGE
+    libc.munmap(aligned, length)
+    mapped = libc.mmap(aligned, length, _PROT_READ, _MAP_SHARED | _MAP_FIXED_NOREPLACE, fd, start)
+    try:
+        yield aligned if mapped == aligned else None
+    finally:
+        if mapped not in (None, _MAP_FAILED):
+            libc.munmap(mapped, length)  # where it is, even if a kernel took it for a hint
+        if aligned > reserved:
+            libc.munmap(reserved, aligned - reserved)
+        if end > aligned + length:
+            libc.munmap(aligned + length, end - aligned - length)
 
 
 def _address(mapping: mmap.mmap) -> int:

@@ -14,13 +14,13 @@ mapping keeps (the lock belongs to the open file, and the mapping holds a duplic
 descriptor), so the kernel releases it when the buffer is dropped or the process ends,
 however it ends. Slots are reserved with ``posix_fallocate``: a full tmpfs is a refused
 claim (the caller falls back to private memory), never a ``SIGBUS`` on a write into the
-mapping. On a tmpfs without ``huge=`` (``/dev/shm``), a new slot's whole 2 MiB pages are
-first collapsed into huge pages and every mapping of a slot or cache file is made at a
-2 MiB-aligned address (:mod:`dataloaders._huge`), so that filling and mapping them cost what
-they do on a huge-page mount. All slots together stay within ``budget`` bytes (checked at
-each claim; racing claims can pass it by a slot). A slot nobody has claimed for ``idle``
-seconds is deleted by the next claim, so the memory returns to the node once its readers
-stop.
+mapping. On a tmpfs without ``huge=`` (``/dev/shm``), the whole 2 MiB pages of a new slot
+(or of a slot's new part) are first collapsed into huge pages, and slot and cache files are
+mapped at 2 MiB-aligned addresses where the kernel lets us (:mod:`dataloaders._huge`), so
+that filling and mapping them cost what they do on a huge-page mount. All slots together
+stay within ``budget`` bytes (checked at each claim; racing claims can pass it by a slot). A
+slot nobody has claimed for ``idle`` seconds is deleted by the next claim, so the memory
+returns to the node once its readers stop.
 
 **Node cache.** A slot that received a remote shard file, once the file's manifest checksum
 has passed, is renamed ``cache-<key>`` (:meth:`SlotDirectory.publish`): ``key`` names the

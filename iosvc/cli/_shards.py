@@ -161,8 +161,8 @@ def buffers(
         collapsed = huge_bytes(os.path.join(path, f.name) for f in files)
         if collapsed:
             console.print(
-                f"  {format_size(collapsed)} in 2 MiB pages: collapsed by the readers, as "
-                f"the tmpfs has huge={huge} (Linux >= 6.1)",
+                f"  {format_size(collapsed)} of {format_size(used)} in 2 MiB pages: collapsed "
+                f"by the readers, as the tmpfs has huge={huge} (Linux >= 6.1)",
                 highlight=False,
                 soft_wrap=True,
             )

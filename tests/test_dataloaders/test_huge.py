@@ -6,11 +6,14 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from dataloaders import _huge
 from dataloaders._huge import HUGE_PAGE, _address, huge_bytes, map_aligned
+
+from .helpers import tmpfs
 
 MiB = 1 << 20
 # Not a whole number of huge pages: the kernel aligns such anonymous mappings by itself.
@@ -29,21 +32,25 @@ def test_a_mapping_is_steered_past_an_older_gap_that_fits_it() -> None:
     region = libc.mmap(None, gap + 2 * guard, 0, 0x22, -1, 0)  # PROT_NONE, private anonymous
     assert region not in (None, _huge._MAP_FAILED)
     libc.munmap(region + guard, gap)
+    got = []
     try:
         got = [map_aligned(_anonymous, LENGTH) for _ in range(4)]
         assert all(_address(m) % HUGE_PAGE == 0 for m in got)
         assert all(len(m) == LENGTH for m in got)
         for m in got:
             m[-1:] = b"x"  # ordinary, writable mappings of their whole length
-            m.close()
     finally:
-        libc.munmap(region, gap + 2 * guard)  # the guards (and whatever took the gap)
+        for m in got:
+            m.close()
+        libc.munmap(region, guard)  # the guards only: the gap may hold other mappings now
+        libc.munmap(region + guard + gap, guard)
 
 
 def test_a_child_forked_while_the_lock_was_held_can_still_map() -> None:
     with _huge._aligning:  # as if another thread were mapping when the process forked
         pid = os.fork()
         if pid == 0:  # the child: would wait forever on the parent's lock
+            ok = False
             try:
                 ok = _address(map_aligned(_anonymous, LENGTH)) % HUGE_PAGE == 0
             finally:
@@ -63,3 +70,14 @@ def test_huge_bytes_takes_paths_and_skips_what_it_cannot_map() -> None:
     with pytest.raises(TypeError):
         huge_bytes("/dev/shm/one-path")
     assert huge_bytes(["/nonexistent/file"]) == 0
+
+
+def test_huge_bytes_neither_fills_holes_nor_dies_on_a_full_tmpfs(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "size=4m") as mount:
+        full, sparse = mount / "full", mount / "sparse"
+        with open(full, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 4 * MiB)  # no room left
+        with open(sparse, "wb") as f:
+            f.truncate(4 * MiB)  # holes: reading them through a mapping would need pages
+        assert huge_bytes([str(sparse), str(full)]) == 0  # 4 KiB pages; no SIGBUS
+        assert sparse.stat().st_blocks == 0  # no page allocated in its holes

@@ -212,7 +212,7 @@ def test_the_buffers_command_counts_collapsed_huge_pages(tmp_path: Path, iosvc_c
         held = SlotDirectory(str(mount / "slots")).claim(8 * MiB)
         shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
         assert shown.returncode == 0, shown.stderr
-        assert "8MiB in 2 MiB pages: collapsed by the readers" in shown.stdout
+        assert "8MiB of 8MiB in 2 MiB pages: collapsed by the readers" in shown.stdout
         del held
 
 
