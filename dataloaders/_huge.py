@@ -45,7 +45,7 @@ _MADV_COLLAPSE = 25  # <linux/mman.h>, Linux >= 6.1
 _MADV_POPULATE_READ = 22  # Linux >= 5.14
 _MAP_FIXED_NOREPLACE = 0x100000  # Linux >= 4.17 (older kernels take it for a hint)
 _PROT_NONE, _PROT_READ = 0, 1
-_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+_MAP_SHARED, _MAP_PRIVATE, _MAP_ANONYMOUS = 0x01, 0x02, 0x20
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -241,28 +241,3 @@ def _aligned_mapping(libc: Any, fd: int, start: int, length: int) -> Iterator[in
             libc.munmap(reserved, aligned - reserved)
         if end > aligned + length:
             libc.munmap(aligned + length, end - aligned - length)
-
-
-def _address(mapping: mmap.mmap) -> int:
-    """Where ``mapping`` starts (read-only ones too, which ctypes cannot point into)."""
-    return int(np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data)
-
-
-@contextlib.contextmanager
-def _aligned_mapping(libc: Any, fd: int, start: int, length: int) -> Iterator[int | None]:
-    """A read-only shared mapping of ``fd``'s ``[start, start + length)`` at a 2 MiB-aligned
-    address (None if it could not be made), unmapped on exit.
-
-    The kernel maps and collapses huge pages only where the address and the file offset
-    agree modulo 2 MiB; ``mmap`` of a file on a mount without ``huge=`` does not align.
-    """
-    reserved = libc.mmap(None, length + HUGE_PAGE, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
-    if reserved in (None, _MAP_FAILED):
-        yield None
-        return
-    try:
-        aligned = (reserved + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
-        mapped = libc.mmap(aligned, length, _PROT_READ, _MAP_SHARED | _MAP_FIXED, fd, start)
-        yield aligned if mapped == aligned else None
-    finally:
-        libc.munmap(reserved, length + HUGE_PAGE)
