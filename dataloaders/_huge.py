@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import mmap
 import os
 import re
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -49,31 +47,31 @@ _MAP_SHARED, _MAP_PRIVATE, _MAP_ANONYMOUS = 0x01, 0x02, 0x20
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+# libc's calls this module makes (its own: dataloaders does not import iosvc).
+_SIGNATURES = {
+    "mmap": (
+        ctypes.c_void_p,
+        [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long],
+    ),
+    "munmap": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]),
+    "madvise": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]),
+}
+
+
 @functools.cache
 def _libc() -> Any | None:
     """libc, on Linux with 2 MiB transparent huge pages (not e.g. arm64 with 64 KiB base
     pages, where they are 512 MiB); None elsewhere, and this module does nothing."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
-            if not sys.platform.startswith("linux") or int(f.read()) != HUGE_PAGE:
+            if int(f.read()) != HUGE_PAGE:
                 return None
-    except (OSError, ValueError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            function = getattr(libc, name)
+            function.restype, function.argtypes = restype, argtypes
+    except (OSError, ValueError, AttributeError):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except OSError:
-        return None
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     return libc
 
 

@@ -20,33 +20,16 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import sys
 import weakref
+
+from iosvc._libc import MAP_FAILED, libc
 
 __all__ = ["MappedFile", "can_map"]
 
 PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10  # the same on every Linux architecture; not exported by the mmap module
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
-_FAILED = ctypes.c_void_p(-1).value
-
-_libc: ctypes.CDLL | None = None
-if sys.platform == "linux":
-    try:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mmap.restype = ctypes.c_void_p
-        _libc.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        _libc.munmap.restype = ctypes.c_int
-        _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    except (OSError, AttributeError):
-        _libc = None
+_libc = libc()
 
 
 def _pages(n: int) -> int:
@@ -59,7 +42,7 @@ def can_map(chunk_size: int) -> bool:
 
 
 def _checked(address: int | None, what: str) -> int:
-    if address is None or address == _FAILED:
+    if address is None or address == MAP_FAILED:
         errno = ctypes.get_errno()
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
     return address
