@@ -2,8 +2,8 @@
 
 Why: tmpfs keeps a file in 4 KiB pages unless its mount says ``huge=``, and filling or
 mapping one pays a page-table entry (and a fault per 4 KiB written, per 64 KiB read). A
-64 MiB file here (``bench/results/pages.json``): filled through a mapping in 46.0 ms (28.0 ms
-when its pages exist), mapped and hashed in 12.7 ms, against 9.7 (5.4) and 2.3 ms collapsed
+64 MiB file here (``bench/results/pages.json``): filled through a mapping in 46.6 ms (31.0 ms
+when its pages exist), mapped and hashed in 14.0 ms, against 9.7 (6.1) and 2.3 ms collapsed
 into 2 MiB pages. ``/dev/shm`` is mounted without ``huge=`` nearly everywhere, and only an
 administrator can mount another tmpfs.
 

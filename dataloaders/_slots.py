@@ -79,9 +79,9 @@ def tmpfs_huge_pages(path: str, mountinfo: str = "/proc/self/mountinfo") -> str 
 
     Why it matters: without it, tmpfs keeps files in 4 KiB pages, and mapping one costs a
     page-table entry per 4 KiB (with ``unmap`` the same again). Mapping and hashing a
-    64 MiB file took 12.7 ms on ``/dev/shm`` here, 2.1 ms on a tmpfs mounted with
-    ``huge=within_size`` (2 MiB pages); filling a new one through a mapping 46.0 ms against
-    6.4 ms (``bench/results/pages.json``). Only an administrator can mount one
+    64 MiB file took 14.0 ms on ``/dev/shm`` here, 2.3 ms on a tmpfs mounted with
+    ``huge=within_size`` (2 MiB pages); filling a new one through a mapping 46.6 ms against
+    7.3 ms (``bench/results/pages.json``). Only an administrator can mount one
     (``mount -t tmpfs -o huge=within_size,size=..,mode=1777 tmpfs DIR``); readers then use
     it through ``$DATALOADERS_BUFFER_DIR``. Slots are reserved with ``posix_fallocate``,
     which takes huge pages only from ``within_size`` and ``always`` mounts; elsewhere (Linux
@@ -325,8 +325,8 @@ class SlotDirectory:
             os.close(fd)
 
     def _grow(self, fd: int, length: int, size: int) -> int | None:
-        """Grows the file ``fd`` from ``length`` to at least ``size`` bytes, reserved now (no
-        ``SIGBUS`` on a later write); its new length, or None if the file system is full.
+        """Grows the file ``fd`` from ``length`` to ``size`` bytes, reserved now (no ``SIGBUS``
+        on a later write); its new length, or None if the file system is full.
 
         On a tmpfs without huge pages, the whole 2 MiB pages of the new part are collapsed
         into huge pages first (:mod:`dataloaders._huge`): filling and mapping the slot then
