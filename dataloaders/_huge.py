@@ -181,15 +181,9 @@ def map_aligned(make: Callable[[], _M], length: int) -> _M:
     length = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
     if libc is None or length < HUGE_PAGE:
         return make()
-    with _aligning:
-        reserved = libc.mmap(
-            None, length + HUGE_PAGE, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0
-        )
-        if reserved in (None, _MAP_FAILED):
+    with _aligning, _aligned_hole(libc, length) as aligned:
+        if aligned is None:
             return make()
-        aligned = (reserved + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
-        end = reserved + length + HUGE_PAGE
-        libc.munmap(aligned, length)
         fillers: list[_M] = []
         try:
             for _ in range(_ATTEMPTS):
@@ -201,10 +195,6 @@ def map_aligned(make: Callable[[], _M], length: int) -> _M:
         finally:
             for filler in fillers:
                 filler.close()
-            if aligned > reserved:
-                libc.munmap(reserved, aligned - reserved)
-            if end > aligned + length:
-                libc.munmap(aligned + length, end - aligned - length)
 
 
 def _address(mapping: mmap.mmap) -> int:
@@ -222,6 +212,26 @@ def _aligned_mapping(libc: Any, fd: int, start: int, length: int) -> Iterator[in
     The mapping goes into a hole freed in a reservation, with ``MAP_FIXED_NOREPLACE``: it
     never replaces a mapping another thread may have made there meanwhile.
     """
+    with _aligned_hole(libc, length) as aligned:
+        if aligned is None:
+            yield None
+            return
+        mapped = libc.mmap(
+            aligned, length, _PROT_READ, _MAP_SHARED | _MAP_FIXED_NOREPLACE, fd, start
+        )
+        try:
+            yield aligned if mapped == aligned else None
+        finally:
+            if mapped not in (None, _MAP_FAILED):
+                libc.munmap(mapped, length)  # where it is, even if a kernel took it for a hint
+
+
+@contextlib.contextmanager
+def _aligned_hole(libc: Any, length: int) -> Iterator[int | None]:
+    """The 2 MiB-aligned address of exactly ``length`` free bytes, fenced by reserved
+    address space on both sides until exit (None if none could be reserved): the highest
+    free gap that fits ``length``, where the kernel places a mapping it is not told where to
+    put, unless an older gap above fits too."""
     reserved = libc.mmap(None, length + HUGE_PAGE, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
     if reserved in (None, _MAP_FAILED):
         yield None
@@ -229,12 +239,9 @@ def _aligned_mapping(libc: Any, fd: int, start: int, length: int) -> Iterator[in
     aligned = (reserved + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
     end = reserved + length + HUGE_PAGE
     libc.munmap(aligned, length)
-    mapped = libc.mmap(aligned, length, _PROT_READ, _MAP_SHARED | _MAP_FIXED_NOREPLACE, fd, start)
     try:
-        yield aligned if mapped == aligned else None
+        yield aligned
     finally:
-        if mapped not in (None, _MAP_FAILED):
-            libc.munmap(mapped, length)  # where it is, even if a kernel took it for a hint
         if aligned > reserved:
             libc.munmap(reserved, aligned - reserved)
         if end > aligned + length:
