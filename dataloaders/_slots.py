@@ -309,12 +309,11 @@ class SlotDirectory:
                 path = renamed
             length = os.fstat(fd).st_size
             if length < size:
-                grown = self._grow(fd, length, size)
-                if grown is None:
+                if not self._grow(fd, length, size):
                     if create:
                         os.unlink(path)
                     return None
-                length = grown
+                length = size
             if length > 2 * size:
                 return None  # taken by a bigger reader since the scan
             os.utime(fd)  # last claimed (for the idle clean-up)
@@ -324,9 +323,9 @@ class SlotDirectory:
         finally:
             os.close(fd)
 
-    def _grow(self, fd: int, length: int, size: int) -> int | None:
+    def _grow(self, fd: int, length: int, size: int) -> bool:
         """Grows the file ``fd`` from ``length`` to ``size`` bytes, reserved now (no ``SIGBUS``
-        on a later write); its new length, or None if the file system is full.
+        on a later write); False (and the file as it was) if the file system is full.
 
         On a tmpfs without huge pages, the whole 2 MiB pages of the new part are collapsed
         into huge pages first (:mod:`dataloaders._huge`): filling and mapping the slot then
@@ -340,8 +339,8 @@ class SlotDirectory:
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, length)
-            return None
-        return size
+            return False
+        return True
 
     def _map(self, make: Callable[[], SlotMap], length: int) -> SlotMap:
         """``make()``, at an address where huge pages are mapped whole if slots here are

@@ -93,3 +93,9 @@ def collapse_supported() -> bool:
     except OSError:
         return False
     return sys.platform == "linux" and release >= (6, 1) and "[deny]" not in shmem
+
+
+needs_collapse = pytest.mark.skipif(
+    not collapse_supported(),
+    reason="this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)",
+)

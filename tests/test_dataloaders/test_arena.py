@@ -19,7 +19,7 @@ from dataloaders._arena import _READER, ArenaRef, BatchArena, batch_bytes, open_
 from dataloaders._huge import HUGE_PAGE, _address, huge_bytes
 from dataloaders._slots import SlotDirectory
 
-from .helpers import collapse_supported, tmpfs
+from .helpers import needs_collapse, tmpfs
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 600
@@ -121,11 +121,10 @@ def test_a_slot_is_free_again_only_when_every_view_of_its_batch_is_gone(
     del b, c
 
 
+@needs_collapse
 def test_arenas_on_a_tmpfs_without_huge_pages_are_mapped_in_them_by_both_sides(
     tmp_path: Path,
 ) -> None:
-    if not collapse_supported():
-        pytest.skip("this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)")
     with tmpfs(tmp_path / "plain", "size=64m,mode=0700") as mount:
         arena = BatchArena(SlotDirectory(str(mount / "slots"), budget=48 << 20), count=2)
         fields: list[tuple[tuple[int, ...], np.dtype[Any]]] = [((1024, 1024), np.dtype("f4"))]

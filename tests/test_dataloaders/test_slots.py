@@ -21,7 +21,7 @@ from dataloaders._cache import BufferPool
 from dataloaders._huge import HUGE_PAGE, _address, huge_bytes
 from dataloaders._slots import SlotDirectory, default_slot_dir, tmpfs_huge_pages
 
-from .helpers import checked_images, collapse_supported, tmpfs
+from .helpers import checked_images, needs_collapse, tmpfs
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,9 +173,8 @@ def test_a_full_file_system_refuses_the_claim_instead_of_a_sigbus(small_tmpfs: s
     buf[-1:] = b"y"
 
 
+@needs_collapse
 def test_slots_on_a_tmpfs_without_huge_pages_are_collapsed_into_them(tmp_path: Path) -> None:
-    if not collapse_supported():
-        pytest.skip("this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)")
     with tmpfs(tmp_path / "plain", "size=64m,mode=0700") as mount:
         slots = SlotDirectory(str(mount / "slots"), budget=48 * MiB)
         claimed = slots.claim_file(6 * MiB + 4096)
@@ -205,9 +204,8 @@ def test_slots_on_a_tmpfs_without_huge_pages_are_collapsed_into_them(tmp_path: P
         assert huge_bytes([grown[0]]) == 2 * MiB  # [2, 4) MiB; [1, 2) and [4, 5) in 4 KiB
 
 
+@needs_collapse
 def test_the_buffers_command_counts_collapsed_huge_pages(tmp_path: Path, iosvc_cli: Any) -> None:
-    if not collapse_supported():
-        pytest.skip("this kernel cannot collapse tmpfs files into huge pages (Linux < 6.1)")
     with tmpfs(tmp_path / "plain", "size=64m") as mount:
         held = SlotDirectory(str(mount / "slots")).claim(8 * MiB)
         shown = iosvc_cli("shards", "buffers", "--dir", str(mount / "slots"))
