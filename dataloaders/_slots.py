@@ -44,14 +44,13 @@ import contextlib
 import fcntl
 import mmap
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dataloaders._huge import HUGE_PAGE, collapse_new_range, map_aligned
+from dataloaders._huge import HUGE_PAGE, collapse_new_range, collapses_new_files, map_aligned
 
-__all__ = ["KINDS", "SlotDirectory", "SlotFile", "SlotMap", "default_slot_dir", "tmpfs_huge_pages"]
+__all__ = ["KINDS", "SlotDirectory", "SlotFile", "SlotMap", "default_slot_dir"]
 
 _PREFIX = "slot-"
 CACHE_PREFIX = "cache-"
@@ -71,48 +70,6 @@ def default_slot_dir() -> str | None:
     if not (os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK)):
         return None
     return os.path.join(shm, f"dataloaders-{os.getuid()}")
-
-
-def tmpfs_huge_pages(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """The ``huge=`` option of the tmpfs holding ``path`` (``always``, ``within_size`` or
-    ``advise``), ``"never"`` for a tmpfs without it, None where ``path`` is not on a tmpfs.
-
-    Why it matters: without it, tmpfs keeps files in 4 KiB pages, and mapping one costs a
-    page-table entry per 4 KiB (with ``unmap`` the same again). Mapping and hashing a
-    64 MiB file took 14.0 ms on ``/dev/shm`` here, 2.3 ms on a tmpfs mounted with
-    ``huge=within_size`` (2 MiB pages); filling a new one through a mapping 46.6 ms against
-    7.3 ms (``bench/results/pages.json``). Only an administrator can mount one
-    (``mount -t tmpfs -o huge=within_size,size=..,mode=1777 tmpfs DIR``); readers then use
-    it through ``$DATALOADERS_BUFFER_DIR``. Slots are reserved with ``posix_fallocate``,
-    which takes huge pages only from ``within_size`` and ``always`` mounts; elsewhere (Linux
-    >= 6.1) readers collapse new slots into huge pages themselves (:mod:`dataloaders._huge`).
-    """
-    try:
-        target = os.path.realpath(path)
-        while not os.path.exists(target):  # a directory not made yet: its parent's mount
-            target = os.path.dirname(target)
-        with open(mountinfo) as f:
-            mounts = [line.split() for line in f]
-    except OSError:
-        return None
-    best: tuple[int, str | None] = (-1, None)
-    for fields in mounts:
-        # id parent major:minor root mount-point options [optional...] - type source super
-        try:
-            dash = fields.index("-", 6)
-            fstype, super_options = fields[dash + 1], fields[dash + 3]
-        except (ValueError, IndexError):
-            continue  # not a line of the format above
-        # Spaces, tabs, newlines and backslashes in paths are written as octal escapes.
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= best[0]:  # (the last of stacked mounts is seen)
-            huge = None
-            if fstype == "tmpfs":
-                options = dict(o.partition("=")[::2] for o in super_options.split(","))
-                huge = options.get("huge", "never")
-            best = (len(point), huge)
-    return best[1]
 
 
 class SlotMap(mmap.mmap):
@@ -351,7 +308,7 @@ class SlotDirectory:
         """Whether new slots here are collapsed into huge pages: on a tmpfs whose mount
         gives ``posix_fallocate`` 4 KiB pages (``never``, ``advise``)."""
         if self._collapse is None:
-            self._collapse = tmpfs_huge_pages(self.path) in ("never", "advise")
+            self._collapse = collapses_new_files(self.path)
         return self._collapse
 
     def _rename_to_slot(self, path: str, fd: int) -> str | None:

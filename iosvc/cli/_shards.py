@@ -130,8 +130,8 @@ def buffers(
     """Show (or --clear) the memory data loaders keep in tmpfs on this node: shard
     buffers (slot-N) and batch arenas (batch-N), reused from one epoch and run to the next,
     and the node cache (cache-KEY: remote shard files kept for the next readers)."""
-    from dataloaders._huge import huge_bytes
-    from dataloaders._slots import KINDS, SlotDirectory, default_slot_dir, tmpfs_huge_pages
+    from dataloaders._huge import huge_bytes, tmpfs_huge_pages
+    from dataloaders._slots import KINDS, SlotDirectory, default_slot_dir
 
     path = directory or default_slot_dir()
     if path is None:

@@ -18,8 +18,8 @@ import pytest
 import dataloaders._cache
 from dataloaders import DataLoader, StreamingDataset, write_shards
 from dataloaders._cache import BufferPool
-from dataloaders._huge import HUGE_PAGE, _address, huge_bytes
-from dataloaders._slots import SlotDirectory, default_slot_dir, tmpfs_huge_pages
+from dataloaders._huge import HUGE_PAGE, _address, huge_bytes, tmpfs_huge_pages
+from dataloaders._slots import SlotDirectory, default_slot_dir
 
 from .helpers import checked_images, needs_collapse, tmpfs
 
