@@ -55,9 +55,13 @@ METHOD_CALL = f"/{SERVICE}/Call"
 METHOD_READ = f"/{SERVICE}/ReadChunks"
 METHOD_WRITE = f"/{SERVICE}/WriteChunks"
 
-#: Default chunk (stripe) size. 1 MiB stream messages measured ~1.8 GB/s against ~1.1 GB/s
-#: for 4 MiB ones through grpc.aio here (bench notes in bench/README.md), and ThemisIO uses 2 MiB.
-DEFAULT_CHUNK_SIZE = 1024 * 1024
+#: Default chunk (stripe) size: one 2 MiB huge page, as ThemisIO's stripes. A server on a
+#: tmpfs keeps such chunk files in huge pages (``iosvc.server._stores``) that a same-host
+#: reader maps whole; data loaders read shards in place at 0.9x+ of a local file with them,
+#: ~0.8x with 1 MiB chunks in 4 KiB pages, and over the network too 2 MiB chunks did better
+#: (bench/README.md, session 10). Bulk transfers use the data plane (``iosvc.dataplane``);
+#: through grpc.aio (TLS clusters) 1 MiB messages had streamed faster than 4 MiB ones.
+DEFAULT_CHUNK_SIZE = 2 * 1024 * 1024
 #: Largest chunk a file may use.
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 #: Largest msgpack header; batched calls of a few thousand paths fit well under it.

@@ -5,18 +5,25 @@ Real servers on local-disk stores (``--dir``), real files.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from test_dataloaders.helpers import needs_collapse, tmpfs
 
+from dataloaders._huge import huge_bytes
 from iosvc.client import Client
-from iosvc.errors import DataCorruption, NotFound
+from iosvc.errors import DataCorruption, NotFound, QuotaExceeded
 from iosvc.identity import JobIdentity
 from iosvc.server import LocalCluster
+from iosvc.server._stores import LocalDirStore
 
 MiB = 1 << 20
 
@@ -25,6 +32,9 @@ MiB = 1 << 20
 def disk_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     root = tmp_path_factory.mktemp("in-place")
     with LocalCluster(2, directory=root / "data", workdir=root / "work") as cluster:
+        # The tests below count chunks of 1 MiB: what clients of this spec write.
+        assert cluster.spec is not None
+        cluster.spec = dataclasses.replace(cluster.spec, chunk_size=MiB)
         yield cluster
 
 
@@ -258,3 +268,61 @@ def test_servers_that_do_not_say_are_asked_once(
         assert view is not None and bytes(view) == data
     assert _in_place(plain) - before == 3 * 3  # mapped in place, 3 chunks each time
     assert sorted(asked) == [0, 1]
+
+
+def _pmd_mapped(view: memoryview) -> int:
+    """Bytes of ``view``'s pages this process maps as whole 2 MiB pages (tmpfs files)."""
+    start = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+    end = start + len(view)
+    total = 0
+    with open("/proc/self/smaps") as f:
+        for vma in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", f.read()):
+            lo, hi = (int(x, 16) for x in vma.split(None, 1)[0].split("-"))
+            pmd = re.search(r"^ShmemPmdMapped:\s+(\d+) kB", vma, re.M)
+            if lo < end and hi > start and pmd:
+                total += int(pmd[1]) << 10
+    return total
+
+
+@needs_collapse
+def test_chunk_files_on_a_plain_tmpfs_are_huge_pages_mapped_whole(tmp_path: Path) -> None:
+    """On a tmpfs without ``huge=`` (/dev/shm), chunks of 2 MiB and more are written into
+    2 MiB pages, and a same-host reader maps them as such (at aligned addresses)."""
+    with (
+        tmpfs(tmp_path / "plain", "size=64m,mode=0700") as mount,
+        LocalCluster(1, directory=mount / "data", workdir=tmp_path / "work") as cluster,
+    ):
+        assert cluster.spec is not None
+        client = Client(cluster.spec, chunk_size=2 * MiB)
+        data = os.urandom(5 * MiB + 123)  # chunks of 2 MiB, 2 MiB and 1 MiB + 123 bytes
+        client.write("ip/huge", data)
+        chunks = [str(p) for p in (mount / "data").rglob(f"*{client.info('ip/huge')['version']}*")]
+        assert len(chunks) == 3
+        assert huge_bytes(chunks) == 4 * MiB  # the whole 2 MiB pages; the last chunk has none
+        view = client._run(client.aio.map, client.info("ip/huge"))
+        assert view is not None and bytes(view) == data
+        assert _pmd_mapped(view) == 4 * MiB
+        assert client.read("ip/huge", MiB, 3 * MiB) == data[MiB : 3 * MiB]  # the server's read
+
+
+def test_chunk_files_elsewhere_are_written_as_before(tmp_path: Path) -> None:
+    store = LocalDirStore(tmp_path / "store")  # not a tmpfs: nothing to collapse
+    assert not store._collapse
+    value = os.urandom(2 * MiB + 8)
+    asyncio.run(store.set("c/0/v/0", value))
+    assert asyncio.run(store.get("c/0/v/0")) == value
+
+
+@needs_collapse
+def test_a_full_tmpfs_refuses_a_huge_chunk_and_keeps_what_it_has(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "size=5m,mode=0700") as mount:
+        store = LocalDirStore(mount / "store")
+        assert store._collapse
+        kept = os.urandom(2 * MiB + 8)
+        asyncio.run(store.set("c/0/v/0", kept))
+        with pytest.raises(QuotaExceeded, match="disk full"):
+            asyncio.run(store.set("c/0/v/1", bytes(4 * MiB + 8)))
+        assert not list((mount / "store" / ".tmp").iterdir())  # no half-written file left
+        assert asyncio.run(store.get("c/0/v/0")) == kept
+        assert huge_bytes([store.local_path("c/0/v/0") or ""]) == 2 * MiB
+        asyncio.run(store.set("c/0/v/1", bytes(MiB)))  # what fits still does

@@ -22,6 +22,7 @@ import mmap
 import os
 import weakref
 
+from dataloaders._huge import HUGE_PAGE
 from iosvc._libc import MAP_FAILED, libc
 
 __all__ = ["MappedFile", "can_map"]
@@ -70,16 +71,25 @@ class MappedFile:
         self.size = size
         self._length = _pages(size)
         # Anonymous, private and unreserved: untouched pages cost nothing, and a chunk that is
-        # copied in (not mapped) lands here.
-        address = _libc.mmap(
+        # copied in (not mapped) lands here. 2 MiB more than needed, trimmed to start at a
+        # 2 MiB boundary: the kernel maps a chunk file's huge pages (a server's collapsed
+        # tmpfs files, iosvc.server._stores) whole only where address and file offset agree
+        # modulo 2 MiB, and chunks of 2 MiB multiples start at such offsets.
+        reserved = _libc.mmap(
             None,
-            self._length,
+            self._length + HUGE_PAGE,
             mmap.PROT_READ | mmap.PROT_WRITE,
             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
             -1,
             0,
         )
-        self._address = _checked(address, f"mmap of {size} bytes")
+        reserved = _checked(reserved, f"mmap of {size} bytes")
+        address = -(-reserved // HUGE_PAGE) * HUGE_PAGE
+        if address > reserved:
+            _libc.munmap(reserved, address - reserved)
+        if reserved + HUGE_PAGE > address:  # the rest of the spare 2 MiB, after the file
+            _libc.munmap(address + self._length, reserved + HUGE_PAGE - address)
+        self._address = address
         array = (ctypes.c_char * size).from_address(address)
         # The views below refer to ``array``; the array keeps this object (and so the mapping)
         # alive, and the mapping goes when the last of them does.

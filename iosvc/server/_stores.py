@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataloaders._huge import HUGE_PAGE, collapse_new_range, collapses_new_files
 from iosvc.errors import NotFound, QuotaExceeded
 
 __all__ = ["ByteRange", "ChunkStore", "LocalDirStore", "MemoryStore"]
@@ -157,6 +158,10 @@ class LocalDirStore(ChunkStore):
         self._tmp = self.root / ".tmp"
         shutil.rmtree(self._tmp, ignore_errors=True)  # leftovers of a crash mid-write
         self._tmp.mkdir()
+        # On a tmpfs without ``huge=`` (/dev/shm), chunks of 2 MiB and more are written into
+        # huge pages: a client on this host maps the chunk files in place (``iosvc.client.
+        # _mapped``) and then reads them like a local file in 2 MiB pages, not 4 KiB ones.
+        self._collapse = collapses_new_files(str(self.root))
         self._sizes: dict[str, int] = {}
         for path in self.root.glob("*/*"):
             if path.is_file() and path.parent != self._tmp:
@@ -209,7 +214,11 @@ class LocalDirStore(ChunkStore):
         target = self._path(key)
         tmp = self._tmp / uuid.uuid4().hex
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "w+b") as f:  # readable too: the collapse maps it
+                whole = len(value) // HUGE_PAGE * HUGE_PAGE
+                if self._collapse and whole:
+                    os.ftruncate(f.fileno(), len(value))
+                    collapse_new_range(f.fileno(), 0, whole)  # or 4 KiB pages, as before
                 f.write(value)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, target)
