@@ -388,7 +388,10 @@ def read_epoch(
         "litdata": "litdata",
     }
     if system in modules:
-        importlib.import_module(modules[system])
+        module = importlib.import_module(modules[system])
+        if module.__name__ == "dataloaders":  # its names are imported on first use
+            for name in ("StreamingDataset", "DataLoader"):
+                getattr(module, name)
     if system in REMOTE:  # the iosvc client and gRPC: imports too, as for every other system
         importlib.import_module("iosvc.client")
     # The same garbage-collector state at the start of every clock: the imports above leave

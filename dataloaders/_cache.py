@@ -120,7 +120,8 @@ def _read_into_client(fs: Any) -> Any:
     for every other filesystem.
     """
     client = getattr(fs, "client", None)
-    if getattr(fs, "async_impl", False) and callable(getattr(client, "read_into", None)):
+    needs = ("info_many", "read_into")
+    if getattr(fs, "async_impl", False) and all(callable(getattr(client, n, None)) for n in needs):
         return client
     return None
 
@@ -170,11 +171,14 @@ class ShardFetcher:
         assert client is not None and self.pool is not None
         pool = self.pool
         mapper = getattr(client, "map", None)
+        # The files' metadata in one call per home server, not one per file.
+        names = [self.fs._strip_protocol(path) for path in paths]
+        infos = await client.info_many(names)
 
-        async def one(path: str) -> Any:
-            name = self.fs._strip_protocol(path)
+        async def one(path: str, name: str, info: Any) -> Any:
             try:
-                info = await client.info(name)
+                if isinstance(info, BaseException):
+                    raise info
                 if info.get("type") != "file":
                     raise FileNotFoundError(f"{name} is not a file")
                 size = int(info["size"])
@@ -200,7 +204,9 @@ class ShardFetcher:
             except Exception as exc:
                 return exc
 
-        results = await asyncio.gather(*(one(p) for p in paths))
+        results = await asyncio.gather(
+            *(one(*args) for args in zip(paths, names, infos, strict=True))
+        )
         return dict(zip(paths, results, strict=True))
 
     def _read(self, paths: list[str]) -> dict[str, Any]:

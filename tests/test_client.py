@@ -138,6 +138,18 @@ def test_ls_info_dirs_and_rm(client: Client, prefix: str) -> None:
         client.rm(f"{prefix}/nothing")
 
 
+def test_info_many_answers_each_path_in_order(client: Client, prefix: str) -> None:
+    files = {f"{prefix}/f{i}": bytes(i) for i in range(40)}  # homed on both servers
+    client.write_many(files)
+    client.write(f"{prefix}/big", os.urandom(5 << 20))
+    paths = [f"{prefix}/big", *files, f"{prefix}/gone", prefix]
+    got = client.info_many(paths)
+    assert got[: len(paths) - 2] == [client.info(p) for p in paths[:-2]]
+    assert isinstance(got[-2], NotFound)
+    assert got[-1] == {"name": prefix, "size": 0, "type": "directory"}  # implied by files
+    assert client.info_many([]) == []
+
+
 def test_mkdir_marker_lists_empty_directory(client: Client, prefix: str) -> None:
     client.mkdir(f"{prefix}/empty")
     assert client.info(f"{prefix}/empty")["type"] == "directory"

@@ -68,6 +68,9 @@ class Client:
     def info(self, path: str) -> FileInfo:
         return self._run(self.aio.info, path)
 
+    def info_many(self, paths: Iterable[str]) -> list[FileInfo | IosvcError]:
+        return self._run(self.aio.info_many, list(paths))
+
     def exists(self, path: str) -> bool:
         return self._run(self.aio.exists, path)
 

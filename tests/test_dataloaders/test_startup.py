@@ -152,6 +152,35 @@ def test_reused_buffers_in_collated_batches_on_iosvc(iosvc_url: str, pooled: Non
         assert checked_images(loader, samples) == N
 
 
+def test_a_shards_files_are_looked_up_together_on_iosvc(
+    iosvc_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One metadata call per home server for a shard's files, not one per file."""
+    from iosvc.client import AsyncClient
+
+    samples = make_samples(N)
+    write_shards(samples, iosvc_url, shard_bytes=32 << 10)
+    calls: list[tuple[str, int]] = []
+    call = AsyncClient.call
+
+    async def counted(self: AsyncClient, server: int, header: dict[str, Any], *a: Any) -> Any:
+        calls.append((header["op"], len(header.get("paths", ()))))
+        return await call(self, server, header, *a)
+
+    async def one_by_one(self: AsyncClient, path: str) -> Any:
+        raise AssertionError(f"{path} looked up on its own")
+
+    ds = StreamingDataset(iosvc_url, seed=3, node_cache=False)
+    with monkeypatch.context() as patched:  # (the fixture's clean-up calls info)
+        patched.setattr(AsyncClient, "call", counted)
+        patched.setattr(AsyncClient, "info", one_by_one)
+        assert sorted(s["id"] for s in ds) == list(range(N))
+    shards = len(ds.manifest.shards)
+    stats = [n for op, n in calls if op == "stat"]
+    assert shards <= len(stats) <= 2 * shards  # one or two homes per shard
+    assert sum(stats) == 2 * shards  # its .raw and its block checksums
+
+
 def test_corrupted_shard_on_iosvc_is_named(iosvc_url: str, pooled: None) -> None:
     write_shards(make_samples(N), iosvc_url, shard_bytes=32 << 10)
     fs = fsspec.filesystem("iosvc")
