@@ -10,7 +10,10 @@ import gc
 import numpy.random  # noqa: F401  (every worker seeds numpy's global generator)
 import torch.utils.data  # noqa: F401
 
-import dataloaders  # noqa: F401
+import dataloaders
+
+for _name in dataloaders.__all__:  # the package's names load on first use: load them now
+    getattr(dataloaders, _name)
 
 gc.collect()  # what is garbage now need not be inherited by every worker
 gc.freeze()

@@ -241,9 +241,13 @@ def test_public_api() -> None:
         for line in p.read_text().splitlines()
         if line.startswith(("import ", "from "))
     )
-    # Names load on first use: an iosvc server imports dataloaders._huge, and no torch.
-    code = "import sys, dataloaders._huge; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    # Names load on first use: an iosvc server and client import dataloaders._huge, and
+    # no torch; the DataLoader's forkserver loads them all before it forks workers.
+    for code in (
+        "import sys, iosvc.server._stores, iosvc.client; sys.exit('torch' in sys.modules)",
+        "import sys, dataloaders._preload; sys.exit('dataloaders._formats' not in sys.modules)",
+    ):
+        assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0, code
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         dataloaders.nope  # noqa: B018
 
