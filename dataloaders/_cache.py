@@ -115,7 +115,7 @@ class BufferPool:
 def _read_into_client(fs: Any) -> Any:
     """The client of an fsspec filesystem that reads a file into a caller's buffer.
 
-    iosvc's filesystem carries its ``AsyncClient`` (``info`` + ``read_into``, and ``map``
+    iosvc's filesystem carries its ``AsyncClient`` (``info_many`` + ``read_into``, and ``map``
     for files on servers of this host; duck-typed, this package never imports iosvc). None
     for every other filesystem.
     """

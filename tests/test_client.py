@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from typing import Any
 
 import pytest
 
 from iosvc.client import AsyncClient, Client
 from iosvc.config import ClusterSpec
-from iosvc.errors import DataCorruption, InvalidArgument, IsADirectory, NotFound
+from iosvc.errors import DataCorruption, InvalidArgument, IsADirectory, NotFound, Unavailable
+from iosvc.server import LocalCluster
 
 CS = 64 * 1024  # small chunks so multi-chunk striping is exercised with little data
 
@@ -148,6 +150,31 @@ def test_info_many_answers_each_path_in_order(client: Client, prefix: str) -> No
     assert isinstance(got[-2], NotFound)
     assert got[-1] == {"name": prefix, "size": 0, "type": "directory"}  # implied by files
     assert client.info_many([]) == []
+    # Errors are each path's own: the root, a malformed path, batches of > 256 paths.
+    many = [*files, "bad/../path", "/", *[f"{prefix}/none{i}" for i in range(300)]]
+    got = client.info_many(many)
+    assert got[:40] == [client.info(p) for p in files]
+    assert isinstance(got[40], InvalidArgument) and got[41]["type"] == "directory"
+    missing = got[42:]
+    assert all(isinstance(e, NotFound) for e in missing) and len({id(e) for e in missing}) == 300
+
+
+def test_info_many_with_a_server_down_answers_the_others(fresh_cluster: LocalCluster) -> None:
+    assert fresh_cluster.spec is not None
+    client = Client(fresh_cluster.spec, retries=1, timeout=5)
+    paths = [f"d/f{i}" for i in range(20)]
+    client.write_many({p: b"x" for p in paths})
+    fresh_cluster.kill(1, signal.SIGKILL)
+    got = client.info_many(paths)
+    homes = [client.aio.placement.home(p) for p in paths]
+    assert set(homes) == {0, 1}
+    for path, home, entry in zip(paths, homes, got, strict=True):
+        if home == 0:
+            assert isinstance(entry, dict) and entry["name"] == path
+        else:
+            assert isinstance(entry, Unavailable)
+    down = [e for h, e in zip(homes, got, strict=True) if h == 1]
+    assert len({id(e) for e in down}) == len(down)  # raised later one by one, each its own
 
 
 def test_mkdir_marker_lists_empty_directory(client: Client, prefix: str) -> None:

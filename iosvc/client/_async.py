@@ -142,7 +142,8 @@ class AsyncClient:
     identity
         Who is asking; default :meth:`JobIdentity.from_env`.
     chunk_size
-        Chunk size of files this client writes (default: the cluster's, 4 MiB).
+        Chunk size of files this client writes (default: the cluster file's ``chunk_size``,
+        else 2 MiB).
     retries
         Attempts on ``UNAVAILABLE`` (server restarting or briefly unreachable), with
         exponential backoff from 50 ms up to 1 s (the default rides out ~5 s of restart).
@@ -206,7 +207,7 @@ class AsyncClient:
         )
         self._use_data_plane = self.tls_ca is None and _dataplane.enabled()
         _clients.add(self)
-        # Keep gRPC's per-message buffers in the heap: without it every 1 MiB chunk lands in
+        # Keep gRPC's per-message buffers in the heap: without it every chunk lands in
         # fresh pages, and a large read spent more CPU in page faults than in copying.
         tune_client_malloc()
 
@@ -328,25 +329,39 @@ class AsyncClient:
         raise NotFound(f"no such file or directory: {path}")
 
     async def info_many(self, paths: Iterable[str]) -> list[FileInfo | IosvcError]:
-        """:meth:`info` of many paths in one call per home server (and batch of
-        thousands): each path's metadata, or its error, in order.
+        """:meth:`info` of many paths, with one ``stat`` call per home server (and batch
+        of 256 paths): each path's metadata, or the error :meth:`info` would raise for it,
+        in order.
 
         What a reader of many files (a shard's, a dataset's) needs before it reads them,
-        in one round trip instead of one per file.
+        in one round trip instead of one per file. Paths no server holds a record of are
+        asked of the other servers together (a directory implied by files elsewhere); a
+        batch a server refuses as a whole (a path this job may not read) is asked again
+        path by path, so that only those paths carry the error.
         """
-        norm = [normalize_path(p) for p in paths]
-        out: list[FileInfo | IosvcError] = [NotFound("") for _ in norm]
+        paths = list(paths)
+        out: list[FileInfo | IosvcError | None] = [None] * len(paths)
+        norm: dict[int, str] = {}
+        for n, path in enumerate(paths):
+            if path in ("", "/"):
+                out[n] = {"name": "", "size": 0, "type": "directory"}
+                continue
+            try:
+                norm[n] = normalize_path(path)
+            except IosvcError as exc:
+                out[n] = exc
         groups: dict[int, list[int]] = defaultdict(list)
-        for n, path in enumerate(norm):
+        for n, path in norm.items():
             groups[self.placement.home(path)].append(n)
         absent: list[int] = []
 
         async def batch(home: int, idx: list[int]) -> None:
             try:
                 reply, _ = await self.call(home, {"op": "stat", "paths": [norm[n] for n in idx]})
-            except IosvcError as exc:
-                for n in idx:
-                    out[n] = exc
+            except IosvcError:
+                if len(idx) == 1:
+                    raise
+                await asyncio.gather(*(batch(home, [n]) for n in idx))
                 return
             for n, rec in zip(idx, reply["recs"], strict=True):
                 if rec is None:
@@ -354,22 +369,46 @@ class AsyncClient:
                 else:
                     out[n] = _info(rec)
 
+        async def one_batch(home: int, idx: list[int]) -> None:
+            try:
+                await batch(home, idx)
+            except IosvcError as exc:  # a single path, or the server is unreachable
+                for n in idx:
+                    if out[n] is None:
+                        own = type(exc)(*exc.args)  # an exception object per path
+                        own.__cause__ = exc
+                        out[n] = own
+
         await asyncio.gather(
             *(
-                batch(home, idx[i : i + SMALL_BATCH * 4])
+                one_batch(home, idx[i : i + SMALL_BATCH])
                 for home, idx in groups.items()
-                for i in range(0, len(idx), SMALL_BATCH * 4)
+                for i in range(0, len(idx), SMALL_BATCH)
             )
         )
-
-        async def directory_or_error(n: int) -> None:  # implied by files on other servers
-            try:
-                out[n] = await self.info(norm[n])
-            except IosvcError as exc:
-                out[n] = exc
-
-        await asyncio.gather(*(directory_or_error(n) for n in absent))
-        return out
+        if absent:
+            # Directories implied by files homed elsewhere: every other server at once.
+            elsewhere = await asyncio.gather(
+                *(
+                    self.call(s, {"op": "stat", "paths": [norm[n] for n in absent]})
+                    for s in range(self.n_servers)
+                ),
+                return_exceptions=True,
+            )
+            for k, n in enumerate(absent):
+                home = self.placement.home(norm[n])
+                seen = any(
+                    not isinstance(r, BaseException) and r[0]["recs"][k] is not None
+                    for s, r in enumerate(elsewhere)
+                    if s != home
+                )
+                out[n] = (
+                    {"name": norm[n], "size": 0, "type": "directory"}
+                    if seen
+                    else NotFound(f"no such file or directory: {norm[n]}")
+                )
+        assert all(entry is not None for entry in out)
+        return out  # type: ignore[return-value]
 
     async def _record(self, path: str) -> dict[str, Any]:
         info = await self.info(path)

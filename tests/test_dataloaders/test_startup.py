@@ -157,6 +157,7 @@ def test_a_shards_files_are_looked_up_together_on_iosvc(
 ) -> None:
     """One metadata call per home server for a shard's files, not one per file."""
     from iosvc.client import AsyncClient
+    from iosvc.placement import Placement
 
     samples = make_samples(N)
     write_shards(samples, iosvc_url, shard_bytes=32 << 10)
@@ -175,10 +176,18 @@ def test_a_shards_files_are_looked_up_together_on_iosvc(
         patched.setattr(AsyncClient, "call", counted)
         patched.setattr(AsyncClient, "info", one_by_one)
         assert sorted(s["id"] for s in ds) == list(range(N))
-    shards = len(ds.manifest.shards)
+    # Exactly one call per home server of each shard's files (its .raw and its checksums).
+    placement = Placement(2)
+    root = iosvc_url.removeprefix("iosvc://")
+    homes = [
+        {placement.home(f"{root}/{name}") for name in (f"{s.name}.raw", s.sums.path)}
+        for s in ds.manifest.shards
+        if s.sums is not None
+    ]
+    assert len(homes) == len(ds.manifest.shards) and any(len(h) == 1 for h in homes)
     stats = [n for op, n in calls if op == "stat"]
-    assert shards <= len(stats) <= 2 * shards  # one or two homes per shard
-    assert sum(stats) == 2 * shards  # its .raw and its block checksums
+    assert len(stats) == sum(len(h) for h in homes)
+    assert sum(stats) == 2 * len(homes)
 
 
 def test_corrupted_shard_on_iosvc_is_named(iosvc_url: str, pooled: None) -> None:
