@@ -122,11 +122,21 @@ def tmpfs_huge_pages(path: str, mountinfo: str = "/proc/self/mountinfo") -> str 
     return best[1]
 
 
+@functools.cache
+def _kernel_collapses() -> bool:
+    """Whether this kernel knows ``MADV_COLLAPSE`` (Linux 6.1): older ones are not asked
+    (nor are files prepared for it) on every new file."""
+    release = re.findall(r"\d+", os.uname().release)[:2]
+    return tuple(int(n) for n in release) >= (6, 1)
+
+
 def collapses_new_files(path: str) -> bool:
     """Whether new files in directory ``path`` should be collapsed into huge pages by
     their writer (:func:`collapse_new_range`): on a tmpfs whose mount gives them 4 KiB
     pages (``huge=never``, the default, or ``advise``), where the kernel can."""
-    return _libc() is not None and tmpfs_huge_pages(path) in ("never", "advise")
+    if _libc() is None or not _kernel_collapses():
+        return False
+    return tmpfs_huge_pages(path) in ("never", "advise")
 
 
 def collapse_new_range(fd: int, start: int, end: int) -> bool:
@@ -140,7 +150,13 @@ def collapse_new_range(fd: int, start: int, end: int) -> bool:
     """
     libc = _libc()
     length = end - start
-    if libc is None or length <= 0 or start % HUGE_PAGE or end % HUGE_PAGE:
+    if (
+        libc is None
+        or not _kernel_collapses()
+        or length <= 0
+        or start % HUGE_PAGE
+        or end % HUGE_PAGE
+    ):
         return False
     try:
         for offset in range(start, end, HUGE_PAGE):

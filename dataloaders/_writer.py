@@ -23,7 +23,7 @@ from dataloaders._manifest import MANIFEST_NAME, FieldSpec, FileEntry, Manifest,
 __all__ = ["WriteSummary", "infer_fields", "pack_directory", "write_shards"]
 
 #: Default shard size (bytes before compression): large enough to stream at full rate from
-#: every server (1 MiB stripes), small enough that a worker's window of shards fits in RAM.
+#: every server (2 MiB stripes), small enough that a worker's window of shards fits in RAM.
 DEFAULT_SHARD_BYTES = 64 << 20
 #: Target uncompressed size of one compressed block in the arrays format: Blosc's shuffle
 #: needs a few KiB to find its ratio, and a smaller block keeps random access cheap.

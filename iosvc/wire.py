@@ -57,10 +57,9 @@ METHOD_WRITE = f"/{SERVICE}/WriteChunks"
 
 #: Default chunk (stripe) size: one 2 MiB huge page, as ThemisIO's stripes. A server on a
 #: tmpfs keeps such chunk files in huge pages (``iosvc.server._stores``) that a same-host
-#: reader maps whole; data loaders read shards in place at 0.9x+ of a local file with them,
-#: ~0.8x with 1 MiB chunks in 4 KiB pages, and over the network too 2 MiB chunks did better
-#: (bench/README.md, session 10). Bulk transfers use the data plane (``iosvc.dataplane``);
-#: through grpc.aio (TLS clusters) 1 MiB messages had streamed faster than 4 MiB ones.
+#: reader maps whole, where 1 MiB chunk files can only be 4 KiB pages: data loaders read
+#: shards in place faster (bench/README.md, "Session 10"). Large transfers were no slower
+#: than with 1 MiB chunks over the data port or gRPC (``bench/results/chunk_size.json``).
 DEFAULT_CHUNK_SIZE = 2 * 1024 * 1024
 #: Largest chunk a file may use.
 MAX_CHUNK_SIZE = 16 * 1024 * 1024

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 from test_dataloaders.helpers import needs_collapse, tmpfs
 
-from dataloaders._huge import huge_bytes
+from dataloaders._huge import HUGE_PAGE, huge_bytes, tmpfs_huge_pages
 from iosvc.client import Client
+from iosvc.client._mapped import MappedFile
 from iosvc.errors import DataCorruption, NotFound, QuotaExceeded
 from iosvc.identity import JobIdentity
-from iosvc.server import LocalCluster
+from iosvc.server import LocalCluster, _stores
 from iosvc.server._stores import LocalDirStore
 
 MiB = 1 << 20
@@ -285,7 +286,9 @@ def _pmd_mapped(view: memoryview) -> int:
 
 
 @needs_collapse
-def test_chunk_files_on_a_plain_tmpfs_are_huge_pages_mapped_whole(tmp_path: Path) -> None:
+def test_chunk_files_on_a_plain_tmpfs_are_huge_pages_mapped_whole(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """On a tmpfs without ``huge=`` (/dev/shm), chunks of 2 MiB and more are written into
     2 MiB pages, and a same-host reader maps them as such (at aligned addresses)."""
     with (
@@ -294,6 +297,7 @@ def test_chunk_files_on_a_plain_tmpfs_are_huge_pages_mapped_whole(tmp_path: Path
     ):
         assert cluster.spec is not None
         client = Client(cluster.spec, chunk_size=2 * MiB)
+        request.addfinalizer(client.close)
         data = os.urandom(5 * MiB + 123)  # chunks of 2 MiB, 2 MiB and 1 MiB + 123 bytes
         client.write("ip/huge", data)
         chunks = [str(p) for p in (mount / "data").rglob(f"*{client.info('ip/huge')['version']}*")]
@@ -305,12 +309,38 @@ def test_chunk_files_on_a_plain_tmpfs_are_huge_pages_mapped_whole(tmp_path: Path
         assert client.read("ip/huge", MiB, 3 * MiB) == data[MiB : 3 * MiB]  # the server's read
 
 
-def test_chunk_files_elsewhere_are_written_as_before(tmp_path: Path) -> None:
-    store = LocalDirStore(tmp_path / "store")  # not a tmpfs: nothing to collapse
-    assert not store._collapse
-    value = os.urandom(2 * MiB + 8)
-    asyncio.run(store.set("c/0/v/0", value))
-    assert asyncio.run(store.get("c/0/v/0")) == value
+def test_chunk_files_off_tmpfs_are_not_collapsed(tmp_path: Path) -> None:
+    if tmpfs_huge_pages(str(tmp_path)) is not None:
+        pytest.skip("the temporary directory is on a tmpfs here")
+    assert not LocalDirStore(tmp_path / "store")._collapse
+
+
+@needs_collapse
+def test_a_chunk_the_kernel_will_not_collapse_is_written_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_stores, "collapse_new_range", lambda fd, start, end: False)
+    with tmpfs(tmp_path / "plain", "size=16m,mode=0700") as mount:
+        store = LocalDirStore(mount / "store")
+        assert store._collapse
+        value = os.urandom(4 * MiB + 8)
+        asyncio.run(store.set("c/0/v/0", value))
+        assert asyncio.run(store.get("c/0/v/0")) == value
+        assert huge_bytes([store.local_path("c/0/v/0") or ""]) == 0
+
+
+def test_a_mapped_file_starts_at_a_huge_page_boundary() -> None:
+    """So that chunk files of 2 MiB multiples are mapped in whole huge pages; nothing of
+    the spare reservation stays mapped."""
+    for size in (1, 5 * MiB + 123):
+        region = MappedFile(size)
+        assert region._address % HUGE_PAGE == 0
+        with open("/proc/self/maps") as f:
+            mine = [line for line in f if int(line.split("-")[0], 16) == region._address]
+        assert len(mine) == 1
+        start, end = (int(x, 16) for x in mine[0].split()[0].split("-"))
+        assert end - start == -(-size // 4096) * 4096  # nothing after it either
+        del region
 
 
 @needs_collapse

@@ -87,8 +87,7 @@ class MappedFile:
         address = -(-reserved // HUGE_PAGE) * HUGE_PAGE
         if address > reserved:
             _libc.munmap(reserved, address - reserved)
-        if reserved + HUGE_PAGE > address:  # the rest of the spare 2 MiB, after the file
-            _libc.munmap(address + self._length, reserved + HUGE_PAGE - address)
+        _libc.munmap(address + self._length, reserved + HUGE_PAGE - address)  # the rest
         self._address = address
         array = (ctypes.c_char * size).from_address(address)
         # The views below refer to ``array``; the array keeps this object (and so the mapping)

@@ -3,6 +3,7 @@ into huge pages is tested with slots (test_slots.py) and arenas (test_arena.py).
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import time
@@ -81,3 +82,24 @@ def test_huge_bytes_neither_fills_holes_nor_dies_on_a_full_tmpfs(tmp_path: Path)
             f.truncate(4 * MiB)  # holes: reading them through a mapping would need pages
         assert huge_bytes([str(sparse), str(full)]) == 0  # 4 KiB pages; no SIGBUS
         assert sparse.stat().st_blocks == 0  # no page allocated in its holes
+
+
+def test_a_kernel_before_6_1_is_not_asked_to_collapse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It does not know MADV_COLLAPSE: no file is prepared for it (a byte written per
+    2 MiB) or mapped to ask, and no directory is said to collapse new files."""
+    release = os.uname()
+    old = os.uname_result((*release[:2], "5.15.0-91-generic", *release[3:]))
+    monkeypatch.setattr(os, "uname", lambda: old)
+    monkeypatch.setattr(
+        _huge, "_kernel_collapses", functools.cache(_huge._kernel_collapses.__wrapped__)
+    )
+    writes: list[int] = []
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: writes.append(at))
+    with open(tmp_path / "f", "w+b") as f:
+        f.truncate(4 * MiB)
+        assert not _huge.collapse_new_range(f.fileno(), 0, 4 * MiB)
+    assert writes == []
+    with tmpfs(tmp_path / "plain", "size=8m,mode=0700") as mount:
+        assert not _huge.collapses_new_files(str(mount))
