@@ -327,6 +327,9 @@ def test_a_chunk_the_kernel_will_not_collapse_is_written_as_before(
         asyncio.run(store.set("c/0/v/0", value))
         assert asyncio.run(store.get("c/0/v/0")) == value
         assert huge_bytes([store.local_path("c/0/v/0") or ""]) == 0
+        monkeypatch.undo()
+        monkeypatch.setenv("IOSVC_HUGE_PAGES", "0")  # the servers' opt-out
+        assert not LocalDirStore(mount / "store")._collapse
 
 
 def test_a_mapped_file_starts_at_a_huge_page_boundary() -> None:

@@ -161,7 +161,11 @@ class LocalDirStore(ChunkStore):
         # On a tmpfs without ``huge=`` (/dev/shm), chunks of 2 MiB and more are written into
         # huge pages: a client on this host maps the chunk files in place (``iosvc.client.
         # _mapped``) and then reads them like a local file in 2 MiB pages, not 4 KiB ones.
-        self._collapse = collapses_new_files(str(self.root))
+        # Where fresh huge pages are dear (a VM whose host takes free memory back: a first
+        # fill ran at ~0.2x here, bench/results/store_fill.json), IOSVC_HUGE_PAGES=0.
+        self._collapse = os.environ.get("IOSVC_HUGE_PAGES") != "0" and collapses_new_files(
+            str(self.root)
+        )
         self._sizes: dict[str, int] = {}
         for path in self.root.glob("*/*"):
             if path.is_file() and path.parent != self._tmp:
