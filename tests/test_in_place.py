@@ -19,6 +19,7 @@ import pytest
 from test_dataloaders.helpers import needs_collapse, tmpfs
 
 from dataloaders._huge import HUGE_PAGE, huge_bytes, tmpfs_huge_pages
+from iosvc import wire
 from iosvc.client import Client
 from iosvc.client._mapped import MappedFile
 from iosvc.errors import DataCorruption, NotFound, QuotaExceeded
@@ -152,6 +153,23 @@ def test_map_gives_the_file_mapped_from_chunk_files(disk_cluster: LocalCluster) 
     assert bytes(sliced) == data[MiB : 2 * MiB]
     del sliced
     assert _maps_of(version) == 0
+
+
+def test_map_with_default_chunks_maps_one_file_per_chunk(disk_cluster: LocalCluster) -> None:
+    """Default chunks (2 MiB, a huge page each) from a store on any disk: mapped correctly,
+    one mapping per chunk file, the whole file at a 2 MiB boundary."""
+    assert disk_cluster.spec is not None
+    client = Client(disk_cluster.spec, chunk_size=wire.DEFAULT_CHUNK_SIZE)
+    data = os.urandom(5 * MiB + 123)
+    client.write("ip/map-default", data)
+    info = client.info("ip/map-default")
+    assert info["chunk_size"] == 2 * MiB
+    view = client._run(client.aio.map, info)
+    assert view is not None and bytes(view) == data
+    assert _maps_of(info["version"]) == 3
+    assert int(np.frombuffer(view, dtype=np.uint8).ctypes.data) % HUGE_PAGE == 0
+    del view
+    client.close()
 
 
 def test_a_mapped_file_outlives_its_removal(disk_cluster: LocalCluster) -> None:
