@@ -76,7 +76,12 @@ def up(
         str | None, typer.Option(help="DRAM capacity per server, e.g. 1GiB (default store).")
     ] = None,
     directory: Annotated[
-        Path | None, typer.Option("--dir", help="Keep data on local disk under DIR instead.")
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Keep data on local disk under DIR instead; on a tmpfs (/dev/shm), chunk "
+            "files go in 2 MiB pages (IOSVC_HUGE_PAGES=0: not).",
+        ),
     ] = None,
     capacity: Annotated[str | None, typer.Option(help="Capacity per server with --dir.")] = None,
     slots: Annotated[
@@ -241,7 +246,14 @@ def serve(
         str | None, typer.Option(help="Comma-separated host:port of all servers, in order.")
     ] = None,
     memory: Annotated[str | None, typer.Option(help="Keep data in DRAM, up to SIZE.")] = None,
-    directory: Annotated[Path | None, typer.Option("--dir", help="Keep data under DIR.")] = None,
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Keep data under DIR; on a tmpfs (/dev/shm), chunk files go in 2 MiB pages "
+            "(IOSVC_HUGE_PAGES=0: not).",
+        ),
+    ] = None,
     capacity: Annotated[str | None, typer.Option(help="Capacity with --dir.")] = None,
     slots: Annotated[int | None, typer.Option(help="Concurrent I/O slots [default: 16].")] = None,
     policy: Annotated[
