@@ -123,6 +123,21 @@ def test_users_own_their_prefix_and_read_published_datasets(secure: LocalCluster
     assert alice.read("alice/small/2") == b"2"
 
 
+def test_info_many_refuses_only_the_paths_a_user_may_not_read(secure: LocalCluster) -> None:
+    alice, bob = client_for(secure, ALICE), client_for(secure, BOB)
+    alice.write_many({f"alice/i/{n}": b"a" for n in range(20)})
+    bob.write_many({f"bob/i/{n}": b"b" for n in range(20)})
+    paths = [p for n in range(20) for p in (f"alice/i/{n}", f"bob/i/{n}")]
+    got = bob.info_many(paths)  # batches mixing both users' files, on each server
+    for path, entry in zip(paths, got, strict=True):
+        if path.startswith("alice/"):
+            assert isinstance(entry, PermissionDenied), path
+        else:
+            assert isinstance(entry, dict) and entry["name"] == path
+    with pytest.raises(PermissionDenied):
+        bob.info("alice/i/0")
+
+
 def test_chunks_of_a_published_file_cannot_be_swapped(secure: LocalCluster) -> None:
     root, bob = admin(secure), client_for(secure, BOB)
     root.write("datasets/big.bin", os.urandom(3 << 20))

@@ -311,33 +311,22 @@ class AsyncClient:
 
     async def info(self, path: str) -> FileInfo:
         """Metadata of a file or directory; ``NotFound`` if neither."""
-        path = normalize_path(path) if path not in ("", "/") else ""
-        if path == "":
-            return {"name": "", "size": 0, "type": "directory"}
-        home = self.placement.home(path)
-        reply, _ = await self.call(home, {"op": "stat", "paths": [path]})
-        rec = reply["recs"][0]
-        if rec is not None:
-            return _info(rec)
-        # Not homed here: a directory is implied by any file below it, on any server.
-        others = [i for i in range(self.n_servers) if i != home]
-        replies = await asyncio.gather(
-            *(self.call(i, {"op": "stat", "paths": [path]}) for i in others)
-        )
-        if any(r["recs"][0] is not None for r, _ in replies):
-            return {"name": path, "size": 0, "type": "directory"}
-        raise NotFound(f"no such file or directory: {path}")
+        (got,) = await self.info_many([path])
+        if isinstance(got, IosvcError):
+            raise got
+        return got
 
     async def info_many(self, paths: Iterable[str]) -> list[FileInfo | IosvcError]:
         """:meth:`info` of many paths, with one ``stat`` call per home server (and batch
-        of 256 paths): each path's metadata, or the error :meth:`info` would raise for it,
-        in order.
+        of 256 paths): each path's metadata, or the error :meth:`info` raises for it, in
+        order.
 
         What a reader of many files (a shard's, a dataset's) needs before it reads them,
-        in one round trip instead of one per file. Paths no server holds a record of are
-        asked of the other servers together (a directory implied by files elsewhere); a
-        batch a server refuses as a whole (a path this job may not read) is asked again
-        path by path, so that only those paths carry the error.
+        in one round trip instead of one per file. A path its home server has no record
+        of is asked of the other servers, together with the others such (a directory is
+        implied by any file below it, on any server). A batch a server refuses as a
+        whole (a path this job may not read) is asked again path by path, so that only
+        those paths carry the error.
         """
         paths = list(paths)
         out: list[FileInfo | IosvcError | None] = [None] * len(paths)
@@ -358,10 +347,11 @@ class AsyncClient:
         async def batch(home: int, idx: list[int]) -> None:
             try:
                 reply, _ = await self.call(home, {"op": "stat", "paths": [norm[n] for n in idx]})
-            except IosvcError:
+            except IosvcError as exc:
                 if len(idx) == 1:
-                    raise
-                await asyncio.gather(*(batch(home, [n]) for n in idx))
+                    out[idx[0]] = exc
+                else:
+                    await asyncio.gather(*(batch(home, [n]) for n in idx))
                 return
             for n, rec in zip(idx, reply["recs"], strict=True):
                 if rec is None:
@@ -369,44 +359,34 @@ class AsyncClient:
                 else:
                     out[n] = _info(rec)
 
-        async def one_batch(home: int, idx: list[int]) -> None:
-            try:
-                await batch(home, idx)
-            except IosvcError as exc:  # a single path, or the server is unreachable
-                for n in idx:
-                    if out[n] is None:
-                        own = type(exc)(*exc.args)  # an exception object per path
-                        own.__cause__ = exc
-                        out[n] = own
-
         await asyncio.gather(
             *(
-                one_batch(home, idx[i : i + SMALL_BATCH])
+                batch(home, idx[i : i + SMALL_BATCH])
                 for home, idx in groups.items()
                 for i in range(0, len(idx), SMALL_BATCH)
             )
         )
-        if absent:
-            # Directories implied by files homed elsewhere: every other server at once.
-            elsewhere = await asyncio.gather(
-                *(
-                    self.call(s, {"op": "stat", "paths": [norm[n] for n in absent]})
-                    for s in range(self.n_servers)
-                ),
-                return_exceptions=True,
-            )
-            for k, n in enumerate(absent):
-                home = self.placement.home(norm[n])
-                seen = any(
-                    not isinstance(r, BaseException) and r[0]["recs"][k] is not None
-                    for s, r in enumerate(elsewhere)
-                    if s != home
-                )
-                out[n] = (
-                    {"name": norm[n], "size": 0, "type": "directory"}
-                    if seen
-                    else NotFound(f"no such file or directory: {norm[n]}")
-                )
+
+        async def elsewhere(server: int) -> None:
+            """Marks the absent paths ``server`` (not their home) has files below."""
+            asked = [n for n in absent if self.placement.home(norm[n]) != server]
+            if not asked:
+                return
+            header = {"op": "stat", "paths": [norm[n] for n in asked]}
+            try:
+                reply, _ = await self.call(server, header)
+            except IosvcError as exc:  # unless another server shows a directory: the error
+                for n in asked:
+                    out[n] = out[n] or exc
+                return
+            for n, rec in zip(asked, reply["recs"], strict=True):
+                if rec is not None:
+                    out[n] = {"name": norm[n], "size": 0, "type": "directory"}
+
+        await asyncio.gather(*(elsewhere(s) for s in range(self.n_servers)))
+        for n in absent:
+            if out[n] is None:
+                out[n] = NotFound(f"no such file or directory: {norm[n]}")
         assert all(entry is not None for entry in out)
         return out  # type: ignore[return-value]
 
