@@ -27,15 +27,18 @@ import functools
 import mmap
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 __all__ = [
     "HUGE_PAGE",
+    "MAP_FAILED",
     "collapse_new_range",
     "collapses_new_files",
     "huge_bytes",
+    "libc",
     "map_aligned",
     "tmpfs_huge_pages",
 ]
@@ -49,10 +52,11 @@ _MADV_POPULATE_READ = 22  # Linux >= 5.14
 _MAP_FIXED_NOREPLACE = 0x100000  # Linux >= 4.17 (older kernels take it for a hint)
 _PROT_NONE, _PROT_READ = 0, 1
 _MAP_SHARED, _MAP_PRIVATE, _MAP_ANONYMOUS = 0x01, 0x02, 0x20
-_MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-# libc's calls this module makes (its own: dataloaders does not import iosvc).
+# The libc calls the mmap module lacks (mapping at a chosen address, madvise of a range
+# not mapped by it): this module's, and iosvc's client's (iosvc.client._mapped).
 _SIGNATURES = {
     "mmap": (
         ctypes.c_void_p,
@@ -64,20 +68,31 @@ _SIGNATURES = {
 
 
 @functools.cache
+def libc() -> Any | None:
+    """libc with ``mmap``, ``munmap`` and ``madvise`` typed, on Linux; None elsewhere."""
+    if sys.platform != "linux":
+        return None
+    try:
+        lib = ctypes.CDLL(None, use_errno=True)
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            function = getattr(lib, name)
+            function.restype, function.argtypes = restype, argtypes
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+@functools.cache
 def _libc() -> Any | None:
-    """libc, on Linux with 2 MiB transparent huge pages (not e.g. arm64 with 64 KiB base
-    pages, where they are 512 MiB); None elsewhere, and this module does nothing."""
+    """:func:`libc`, on Linux with 2 MiB transparent huge pages (not e.g. arm64 with 64 KiB
+    base pages, where they are 512 MiB); None elsewhere, and this module does nothing."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
             if int(f.read()) != HUGE_PAGE:
                 return None
-        libc = ctypes.CDLL(None, use_errno=True)
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            function = getattr(libc, name)
-            function.restype, function.argtypes = restype, argtypes
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return None
-    return libc
+    return libc()
 
 
 def tmpfs_huge_pages(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -294,7 +309,7 @@ def _aligned_mapping(libc: Any, fd: int, start: int, length: int) -> Iterator[in
         try:
             yield aligned if mapped == aligned else None
         finally:
-            if mapped not in (None, _MAP_FAILED):
+            if mapped not in (None, MAP_FAILED):
                 libc.munmap(mapped, length)  # where it is, even if a kernel took it for a hint
 
 
@@ -305,7 +320,7 @@ def _aligned_hole(libc: Any, length: int) -> Iterator[int | None]:
     free gap that fits ``length``, where the kernel places a mapping it is not told where to
     put, unless an older gap above fits too."""
     reserved = libc.mmap(None, length + HUGE_PAGE, _PROT_NONE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
-    if reserved in (None, _MAP_FAILED):
+    if reserved in (None, MAP_FAILED):
         yield None
         return
     aligned = (reserved + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)

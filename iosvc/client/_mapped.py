@@ -22,8 +22,7 @@ import mmap
 import os
 import weakref
 
-from dataloaders._huge import HUGE_PAGE
-from iosvc._libc import MAP_FAILED, libc
+from dataloaders._huge import HUGE_PAGE, MAP_FAILED, libc
 
 __all__ = ["MappedFile", "can_map"]
 

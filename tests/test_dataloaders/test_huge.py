@@ -31,7 +31,7 @@ def test_a_mapping_is_steered_past_an_older_gap_that_fits_it() -> None:
     # own (not 2 MiB-aligned, as the gap is 1 MiB larger than the mapping).
     libc, guard, gap = _huge._libc(), 64 << 10, LENGTH + MiB
     region = libc.mmap(None, gap + 2 * guard, 0, 0x22, -1, 0)  # PROT_NONE, private anonymous
-    assert region not in (None, _huge._MAP_FAILED)
+    assert region not in (None, _huge.MAP_FAILED)
     libc.munmap(region + guard, gap)
     got = []
     try:
