@@ -57,6 +57,7 @@ from iosvc.wire import MAX_CHUNK_SIZE, MAX_HEADER_SIZE
 __all__ = [
     "MAX_DATA_HEADER",
     "FrameError",
+    "FrameReader",
     "decode_header",
     "error_frame",
     "error_from_frame",
@@ -184,7 +185,77 @@ async def recv_header(
     return decode_header(raw)
 
 
-def decode_header(raw: bytes | bytearray) -> dict[str, Any]:
+class FrameReader:
+    """Receives one request's reply frames through a small buffer.
+
+    One ``recv`` takes whatever has arrived: the headers of a run of small replies (chunks
+    to read in place, sent together) are parsed from it, not received two ``recv`` calls
+    each. A payload's bytes past those already buffered are received straight into their
+    destination. The buffer may hold the start of a payload, never bytes of a later
+    request's replies (a connection carries one request at a time).
+
+    Parameters
+    ----------
+    loop, sock
+        The event loop and the connection.
+    size
+        Buffer bytes (headers larger than this are received into their own buffer).
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int = 16 * 1024
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._buf = memoryview(bytearray(size))
+        self._lo = self._hi = 0  # buffered bytes: _buf[_lo:_hi]
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet handed out."""
+        return self._hi - self._lo
+
+    async def _fill(self, need: int) -> None:
+        """Buffer at least ``need`` bytes (``need`` <= the buffer size)."""
+        if self._hi - self._lo >= need:
+            return
+        if len(self._buf) - self._lo < need:  # move what is left to the front
+            kept = self._hi - self._lo
+            self._buf[:kept] = self._buf[self._lo : self._hi]
+            self._lo, self._hi = 0, kept
+        while self._hi - self._lo < need:
+            got = await self._loop.sock_recv_into(self._sock, self._buf[self._hi :])
+            if got == 0:
+                raise FrameError("connection closed by the peer")
+            self._hi += got
+
+    async def into(self, view: memoryview) -> None:
+        """Fill ``view`` with the next bytes: buffered ones first, then from the socket."""
+        take = min(self._hi - self._lo, view.nbytes)
+        if take:
+            view[:take] = self._buf[self._lo : self._lo + take]
+            self._lo += take
+        if take < view.nbytes:
+            await recv_exact(self._loop, self._sock, view[take:])
+
+    async def header(self, *, limit: int = MAX_DATA_HEADER) -> dict[str, Any]:
+        """The next frame's header; :class:`InvalidArgument` if it is malformed."""
+        await self._fill(_LEN.size)
+        (size,) = _LEN.unpack_from(self._buf, self._lo)
+        if size > limit:
+            raise InvalidArgument(f"header length {size} is over {limit}")
+        self._lo += _LEN.size
+        if size > len(self._buf):
+            raw = bytearray(size)
+            await self.into(memoryview(raw))
+            return decode_header(raw)
+        await self._fill(size)
+        header = decode_header(self._buf[self._lo : self._lo + size])
+        self._lo += size
+        return header
+
+
+def decode_header(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
     """A frame's msgpack header; :class:`InvalidArgument` if it is not a map."""
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from iosvc import dataplane
 from iosvc.client import AsyncClient, Client
 from iosvc.config import ClusterSpec
-from iosvc.errors import DataCorruption
+from iosvc.errors import DataCorruption, InvalidArgument
 from iosvc.identity import JobIdentity, issue_token, load_key_file
 from iosvc.placement import Placement
 from iosvc.server import LocalCluster
@@ -484,3 +484,85 @@ def test_concurrent_first_reads_ask_each_server_for_its_port_once(
     assert sorted(asked) == [0, 1]
     assert got[0] == got[2] == got[4] and got[1] == got[3] == got[5]
     assert all(isinstance(port, tuple) for port in got)
+
+
+# ----------------------------------------------------------------- buffered frame reader
+def _frames(headers: list[dict[str, Any]], payloads: list[bytes]) -> bytes:
+    return b"".join(dataplane.frame(h) + p for h, p in zip(headers, payloads, strict=True))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40_000), min_size=1, max_size=8),
+    pieces=st.integers(1, 50_000),
+    buffer=st.sampled_from([64, 4096, 16 * 1024]),
+)
+def test_frame_reader_parses_frames_however_the_bytes_arrive(
+    sizes: list[int], pieces: int, buffer: int
+) -> None:
+    """Headers and payloads come out whole and in order whether the stream arrives in one
+    piece or a few bytes at a time, with headers larger than the buffer too."""
+    payloads = [os.urandom(n) for n in sizes]
+    headers = [{"i": k, "n": n, "pad": "x" * (k * 30)} for k, n in enumerate(sizes)]
+    stream = _frames(headers, payloads)
+
+    async def run() -> list[tuple[dict[str, Any], bytes]]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+
+        async def send() -> None:
+            for at in range(0, len(stream), pieces):
+                await loop.sock_sendall(b, stream[at : at + pieces])
+                await asyncio.sleep(0)
+
+        sender = asyncio.ensure_future(send())
+        reader = dataplane.FrameReader(loop, a, buffer)
+        got = []
+        for _ in sizes:
+            header = await reader.header()
+            view = memoryview(bytearray(header["n"]))
+            await reader.into(view)
+            got.append((header, bytes(view)))
+        await sender
+        assert reader.buffered == 0
+        a.close()
+        b.close()
+        return got
+
+    got = asyncio.run(run())
+    assert [h for h, _ in got] == headers
+    assert [p for _, p in got] == payloads
+
+
+def test_frame_reader_names_a_connection_closed_mid_frame() -> None:
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        whole = dataplane.frame({"i": 0, "n": 10})
+        b.sendall(whole + b"12345")  # the payload cut short
+        b.close()
+        reader = dataplane.FrameReader(loop, a)
+        header = await reader.header()
+        with pytest.raises(dataplane.FrameError, match="closed"):
+            await reader.into(memoryview(bytearray(header["n"])))
+        a.close()
+
+    asyncio.run(run())
+
+
+def test_frame_reader_refuses_an_oversized_header() -> None:
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.sendall(struct.pack("<I", 100) + b"\x80" * 100)
+        reader = dataplane.FrameReader(loop, a)
+        with pytest.raises(InvalidArgument, match="over 50"):
+            await reader.header(limit=50)
+        a.close()
+        b.close()
+
+    asyncio.run(run())

@@ -155,6 +155,39 @@ def test_map_gives_the_file_mapped_from_chunk_files(disk_cluster: LocalCluster) 
     assert _maps_of(version) == 0
 
 
+def test_chunks_read_in_place_are_admitted_in_runs(disk_cluster: LocalCluster) -> None:
+    """A server admits the chunks it lets a client read in place in runs of IN_PLACE_RUN,
+    one request for the bytes of the run (charged to the job in full), not chunk by chunk;
+    every chunk is still answered with its file."""
+    from iosvc.server._service import IN_PLACE_RUN
+
+    assert disk_cluster.spec is not None
+    who = JobIdentity("79", "cy", "g", 1)
+    chunk = 64 * 1024
+    client = Client(disk_cluster.spec, identity=who, chunk_size=chunk)
+    n_chunks = 2 * IN_PLACE_RUN + 6  # 38 per server: one full run and a short one each
+    data = os.urandom(n_chunks * chunk - 5)
+    client.write("ip/runs", data)
+    info = client.info("ip/runs")
+
+    def served() -> tuple[int, int]:
+        rows = [
+            row for s in client.call_all({"op": "stats"}) for row in s["jobs"] if row[0] == "79"
+        ]
+        return sum(r[4] for r in rows), sum(r[5] for r in rows)
+
+    assert client._run(client.aio.map, info) is not None  # learns that it may map here
+    (bytes0, ops0), before = served(), _in_place(client)
+    view = client._run(client.aio.map, info)
+    assert view is not None and bytes(view) == data
+    (bytes1, ops1) = served()
+    assert _in_place(client) - before == n_chunks
+    assert ops1 - ops0 == 4  # two runs on each of the two servers
+    assert bytes1 - bytes0 == len(data)
+    del view
+    client.close()
+
+
 def test_map_with_default_chunks_maps_one_file_per_chunk(disk_cluster: LocalCluster) -> None:
     """Default chunks (2 MiB, a huge page each) from a store on any disk: mapped correctly,
     one mapping per chunk file, the whole file at a 2 MiB boundary."""

@@ -215,13 +215,16 @@ async def read_frames(
     loop = asyncio.get_running_loop()
     with _Lease(connections, server, sock) as lease:
         await loop.sock_sendall(sock, dataplane.frame({**request, "op": "read"}))
+        reader = dataplane.FrameReader(loop, sock)
         while True:
-            header = await dataplane.recv_header(loop, sock)
+            header = await reader.header()
             size = header.get("n", 0)
             if not isinstance(size, int) or not 0 <= size <= dataplane.MAX_PAYLOAD:
                 raise DataCorruption(f"data port sent a payload length of {size!r}")
             if "error" in header or header.get("end"):
-                lease.clean = size == 0
+                # Nothing may follow the last frame: the next request's replies would be
+                # read out of step.
+                lease.clean = size == 0 and not reader.buffered
                 if "error" in header:
                     raise dataplane.error_from_frame(
                         header, f"server {connections.servers[server]}"
@@ -234,7 +237,7 @@ async def read_frames(
             if not direct:
                 view = memoryview(bytearray(size))
             assert view is not None
-            await dataplane.recv_exact(loop, sock, view)
+            await reader.into(view)
             yield header, view, direct
 
 

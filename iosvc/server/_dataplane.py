@@ -10,7 +10,7 @@ from typing import Any
 
 from iosvc import dataplane
 from iosvc.errors import InternalError, InvalidArgument, IosvcError, Unavailable
-from iosvc.server._service import IoService
+from iosvc.server._service import IN_PLACE_RUN, IoService
 
 __all__ = ["MAX_DATA_CONNECTIONS", "DataPlaneServer"]
 
@@ -184,15 +184,21 @@ class DataPlaneServer:
 
     async def _answer(self, conn: socket.socket, header: dict[str, Any]) -> None:
         error: IosvcError | None = None
+        heads: list[bytes] = []
         try:
             if header.get("op") != "read":
                 raise InvalidArgument(f"unknown data-port operation {header.get('op')!r}")
             stream = self.service.read_stream(header)
+            # Replies without a payload (chunks to read in place) go out together, one
+            # send for a run of them, as the service admits them (IN_PLACE_RUN at a time).
             async with contextlib.aclosing(stream):
                 async for reply, payload in stream:
                     reply["n"] = len(payload)
-                    await self._send(conn, dataplane.frame(reply), payload)
-                    self.bytes_sent += len(payload)
+                    heads.append(dataplane.frame(reply))
+                    if payload or len(heads) >= IN_PLACE_RUN:
+                        await self._send(conn, b"".join(heads), payload)
+                        heads.clear()
+                        self.bytes_sent += len(payload)
         except _PeerGone:
             raise
         except IosvcError as exc:
@@ -203,7 +209,7 @@ class DataPlaneServer:
         if error is not None:
             await self._send(conn, dataplane.error_frame(error))
         else:
-            await self._send(conn, dataplane.frame({"end": True, "n": 0}))
+            await self._send(conn, b"".join([*heads, dataplane.frame({"end": True, "n": 0})]))
 
     async def _receive_chunk(
         self, conn: socket.socket, header: dict[str, Any], segment: _Segment
