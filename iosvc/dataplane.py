@@ -215,6 +215,25 @@ class FrameReader:
         """Bytes received but not yet handed out."""
         return self._hi - self._lo
 
+    @property
+    def has_header(self) -> bool:
+        """Whether the next frame's whole header is buffered (``header()`` will not wait)."""
+        have = self._hi - self._lo
+        if have < _LEN.size:
+            return False
+        (size,) = _LEN.unpack_from(self._buf, self._lo)
+        return bool(have - _LEN.size >= size)
+
+    async def ready(self) -> bool:
+        """Wait until some bytes are buffered; False if the peer closed the connection
+        first (between frames: a clean end)."""
+        if self._hi > self._lo:
+            return True
+        self._lo = self._hi = 0
+        got = await self._loop.sock_recv_into(self._sock, self._buf)
+        self._hi = got
+        return bool(got)
+
     async def _fill(self, need: int) -> None:
         """Buffer at least ``need`` bytes (``need`` <= the buffer size)."""
         if self._hi - self._lo >= need:

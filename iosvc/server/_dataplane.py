@@ -113,27 +113,31 @@ class DataPlaneServer:
         except (OSError, TimeoutError) as exc:
             raise _PeerGone from exc
 
-    async def _recv_exact(self, conn: socket.socket, view: memoryview) -> None:
+    async def _recv_exact(self, reader: dataplane.FrameReader, view: memoryview) -> None:
         try:
             async with asyncio.timeout(self.request_timeout):
-                await dataplane.recv_exact(asyncio.get_running_loop(), conn, view)
+                await reader.into(view)
         except (OSError, TimeoutError) as exc:
             raise _PeerGone from exc
 
     async def _serve(self, conn: socket.socket) -> None:
         segment = _Segment()
+        # Every byte from the client goes through it: a request's header usually arrives
+        # whole in one recv (three, with a timer each, before), and bytes of a write's
+        # payload that came with its header are handed on from the buffer.
+        reader = dataplane.FrameReader(asyncio.get_running_loop(), conn)
         idle = self.request_timeout  # until the first request; then IDLE_CLOSE
         try:
             while True:
                 # Inside a write segment the client must keep sending, as on a gRPC stream.
                 try:
-                    header = await self._next_request(conn, idle)
+                    header = await self._next_request(reader, idle)
                     if header is None:
                         return
                     idle = self.request_timeout if segment.open else IDLE_CLOSE
                     op = header.get("op")
                     if op == "write":
-                        await self._receive_chunk(conn, header, segment)
+                        await self._receive_chunk(reader, header, segment)
                         idle = self.request_timeout
                     elif op == "flush":
                         await self._send(conn, segment.reply())
@@ -154,24 +158,23 @@ class DataPlaneServer:
             self.connections -= 1
             conn.close()
 
-    async def _next_request(self, conn: socket.socket, idle: float) -> dict[str, Any] | None:
+    async def _next_request(
+        self, reader: dataplane.FrameReader, idle: float
+    ) -> dict[str, Any] | None:
         """The next request header; None when the client closed the connection or idled."""
-        first = bytearray(1)
-        loop = asyncio.get_running_loop()
         try:
-            got = await asyncio.wait_for(loop.sock_recv_into(conn, memoryview(first)), idle)
+            async with asyncio.timeout(idle):
+                if not await reader.ready():
+                    return None
         except (OSError, TimeoutError):
             return None
-        if got == 0:
-            return None
-        rest = bytearray(3)
-        await self._recv_exact(conn, memoryview(rest))
-        size = int.from_bytes(first + rest, "little")
-        if size > dataplane.MAX_DATA_HEADER:
-            raise InvalidArgument(f"header length {size} is over {dataplane.MAX_DATA_HEADER}")
-        raw = bytearray(size)
-        await self._recv_exact(conn, memoryview(raw))
-        return dataplane.decode_header(raw)
+        if reader.has_header:  # the usual case: no timer needed
+            return await reader.header()
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                return await reader.header()
+        except (OSError, TimeoutError) as exc:
+            raise _PeerGone from exc
 
     async def _hello(self, conn: socket.socket, header: dict[str, Any]) -> None:
         """A client checks it reached the server it asked for the port (not a process that
@@ -212,7 +215,7 @@ class DataPlaneServer:
             await self._send(conn, b"".join([*heads, dataplane.frame({"end": True, "n": 0})]))
 
     async def _receive_chunk(
-        self, conn: socket.socket, header: dict[str, Any], segment: _Segment
+        self, reader: dataplane.FrameReader, header: dict[str, Any], segment: _Segment
     ) -> None:
         """One chunk of a write segment: stored through the service, or (after a failure in
         the segment, or a refused chunk) its bytes read and dropped to stay in step."""
@@ -225,7 +228,7 @@ class DataPlaneServer:
         async def fill(view: memoryview) -> None:
             nonlocal received
             received = True
-            await self._recv_exact(conn, view)
+            await self._recv_exact(reader, view)
 
         if segment.failure is None:
             try:
@@ -241,13 +244,13 @@ class DataPlaneServer:
                 log.exception("internal error storing a chunk", exc_info=exc)
                 segment.failure = InternalError(f"internal server error: {exc}")
         if not received:
-            await self._drain(conn, size)
+            await self._drain(reader, size)
 
-    async def _drain(self, conn: socket.socket, size: int) -> None:
+    async def _drain(self, reader: dataplane.FrameReader, size: int) -> None:
         scratch = memoryview(bytearray(min(size, 1 << 20)))
         while size:
             part = scratch[: min(size, len(scratch))]
-            await self._recv_exact(conn, part)
+            await self._recv_exact(reader, part)
             size -= len(part)
 
     async def close(self) -> None:
