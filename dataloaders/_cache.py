@@ -9,7 +9,6 @@ the budget slows the reader down instead of deadlocking it).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import mmap
@@ -35,6 +34,8 @@ from dataloaders._slots import SlotDirectory, SlotMap
 __all__ = ["BufferPool", "ShardFetcher", "ShardPrefetcher"]
 
 POOLED_MIN = 1 << 20  # files smaller than this are read into fresh buffers
+#: Files whose metadata one lookup asks at most (the first shard's and those of the next).
+LOOKUP_AHEAD = 256
 _ROUND = 4096  # pages
 
 
@@ -115,12 +116,12 @@ class BufferPool:
 def _read_into_client(fs: Any) -> Any:
     """The client of an fsspec filesystem that reads a file into a caller's buffer.
 
-    iosvc's filesystem carries its ``AsyncClient`` (``info_many`` + ``read_into``, and ``map``
-    for files on servers of this host; duck-typed, this package never imports iosvc). None
+    iosvc's filesystem carries its ``AsyncClient`` (``info_many`` + ``read_files``, which
+    maps files on servers of this host; duck-typed, this package never imports iosvc). None
     for every other filesystem.
     """
     client = getattr(fs, "client", None)
-    needs = ("info_many", "read_into")
+    needs = ("info_many", "read_files")
     if getattr(fs, "async_impl", False) and all(callable(getattr(client, n, None)) for n in needs):
         return client
     return None
@@ -165,49 +166,64 @@ class ShardFetcher:
         # (and memory:// ones this process's).
         self.node_cache = node_cache if verify and not is_local(url) else None
         self.cache_hits = 0  # files mapped from the node cache (a statistic)
+        # Metadata of files asked ahead (expect()), by name; each used once, by the loop
+        # thread only.
+        self._infos: dict[str, Any] = {}
+        self._upcoming: list[ShardEntry] = []
+        self._looked_up = 0  # shards of _upcoming whose files were asked already
 
     async def _read_into(self, paths: list[str]) -> dict[str, Any]:
         client = self._client
         assert client is not None and self.pool is not None
         pool = self.pool
-        mapper = getattr(client, "map", None)
-        # The files' metadata in one call per home server, not one per file.
+        # The files' metadata in one call per home server, then their bytes in one request
+        # per server for them all (not one per file: a shard's small files cost as many
+        # requests as its large one, and each request costs the client and its server).
         names = [self.fs._strip_protocol(path) for path in paths]
-        infos = await client.info_many(names)
+        missing = [name for name in names if name not in self._infos]
+        if missing:
+            ahead = [n for n in self._names_ahead(LOOKUP_AHEAD - len(missing)) if n not in missing]
+            asked = missing + ahead
+            found = await client.info_many(asked)
+            answers = dict(zip(asked, found, strict=True))
+            # Kept for later shards: what was found (an error is asked again when needed).
+            self._infos.update((n, i) for n, i in answers.items() if not isinstance(i, Exception))
+        else:
+            answers = {}
+        infos = [self._infos.pop(name, None) or answers[name] for name in names]
+        out: dict[str, Any] = {}
+        wanted: list[tuple[str, Any]] = []
+        for path, name, info in zip(paths, names, infos, strict=True):
+            if isinstance(info, BaseException):
+                out[path] = info
+            elif info.get("type") != "file":
+                out[path] = FileNotFoundError(f"{name} is not a file")
+            else:
+                wanted.append((path, info))
 
-        async def one(path: str, name: str, info: Any) -> Any:
-            try:
-                if isinstance(info, BaseException):
-                    raise info
-                if info.get("type") != "file":
-                    raise FileNotFoundError(f"{name} is not a file")
-                size = int(info["size"])
-                if size >= POOLED_MIN and mapper is not None:
-                    # From a server on this host: its chunk files mapped, nothing copied.
-                    # Their chunk checksums are skipped: the manifest's checksums (of each
-                    # block as it is read, or of each file whole) check the bytes end to
-                    # end, unless the user turned checks off.
-                    mapped = await mapper(info, verify=False)
-                    if mapped is not None:
-                        return mapped
-                buf = pool.get(size) if size >= POOLED_MIN else bytearray(size)
-                view = memoryview(buf)[:size]
-                # The chunk checksums as well only where the manifest's are off.
-                await client.read_into(info, view, verify=not self.verify)
-                return view
-            except FileNotFoundError:
+        def buffer(size: int) -> Any:
+            return pool.get(size) if size >= POOLED_MIN else bytearray(size)
+
+        # Files on servers of this host are mapped from their chunk files (nothing copied),
+        # the others received into reused buffers. Chunk checksums only where the
+        # manifest's are off: else those check the bytes end to end (of each block as it
+        # is read, or of each file whole), so the files need not be read whole here first.
+        got = await client.read_files(
+            [info for _, info in wanted],
+            buffer,
+            map_from=POOLED_MIN,
+            verify=not self.verify,
+        )
+        for (path, _), data in zip(wanted, got, strict=True):
+            out[path] = data
+        for path, data in out.items():
+            if isinstance(data, FileNotFoundError):
                 # Also a version replaced between info and read: the plain read retries it.
                 try:
-                    return await self.fs._cat_file(path)
+                    out[path] = await self.fs._cat_file(path)
                 except Exception as exc:  # as fs.cat(on_error="return")
-                    return exc
-            except Exception as exc:
-                return exc
-
-        results = await asyncio.gather(
-            *(one(*args) for args in zip(paths, names, infos, strict=True))
-        )
-        return dict(zip(paths, results, strict=True))
+                    out[path] = exc
+        return out
 
     def _read(self, paths: list[str]) -> dict[str, Any]:
         if isinstance(self.fs, LocalFileSystem):
@@ -232,12 +248,36 @@ class ShardFetcher:
         got = self.fs.cat(paths, on_error="return")
         return got
 
-    def _files(self, shard: ShardEntry) -> tuple[dict[str, Any], dict[str, BlockChecker]]:
+    def _wanted(self, shard: ShardEntry) -> tuple[list[str], FileEntry | None, list[str]]:
+        """The shard's data files, its block checksums file if it is read, and both."""
         rels = self.format.data_files(shard.name, self.manifest.fields)
         sums_file = shard.sums if self.verify and self.format.checks_blocks else None
+        wanted = [*rels, sums_file.path] if sums_file is not None else rels
+        return rels, sums_file, wanted
+
+    def expect(self, shards: Sequence[ShardEntry]) -> None:
+        """The shards about to be loaded, in order: the metadata of their files is asked
+        ahead, with that of the first shard loaded (in batches of ``LOOKUP_AHEAD`` files),
+        instead of one call per shard and server."""
+        self._upcoming = list(shards)
+        self._looked_up = 0
+
+    def _names_ahead(self, room: int) -> list[str]:
+        """Names (in the filesystem) of the files of the next expected shards, at most
+        ``room`` of them."""
+        out: list[str] = []
+        while self._looked_up < len(self._upcoming):
+            _, _, wanted = self._wanted(self._upcoming[self._looked_up])
+            if len(out) + len(wanted) > room:
+                break
+            out += [self.fs._strip_protocol(join(self.root, rel)) for rel in wanted]
+            self._looked_up += 1
+        return out
+
+    def _files(self, shard: ShardEntry) -> tuple[dict[str, Any], dict[str, BlockChecker]]:
+        rels, sums_file, wanted = self._wanted(shard)
         # Block by block as the samples are read, or every file whole now.
         by_blocks = sums_file is not None and not self.whole
-        wanted = [*rels, sums_file.path] if sums_file is not None else rels
         paths = [join(self.root, rel) for rel in wanted]
         expected = {f.path: f for f in shard.all_files()}
         cached = self._cached(wanted, paths, expected, set(rels) if by_blocks else set())

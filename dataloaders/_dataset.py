@@ -576,6 +576,7 @@ class StreamingDataset(IterableDataset[Sample]):
             node_cache=self.node_cache,
         )
         shards = manifest.shards
+        fetcher.expect([shards[i] for i in sequence])
         prefetcher = ShardPrefetcher(
             lambda i: fetcher.load(shards[i]),
             sequence,

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,50 @@ def test_chunks_read_in_place_are_admitted_in_runs(disk_cluster: LocalCluster) -
     assert ops1 - ops0 == 4  # two runs on each of the two servers
     assert bytes1 - bytes0 == len(data)
     del view
+    client.close()
+
+
+def test_read_files_maps_and_receives_many_files_in_one_request_per_server(
+    disk_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large files mapped, small ones received into the caller's buffers, all in one read
+    request per server; a file gone meanwhile gets its own error, the others their bytes."""
+    from iosvc.client import AsyncClient
+
+    assert disk_cluster.spec is not None
+    client = Client(disk_cluster.spec)
+    files = {"ip/many/big": os.urandom(3 * MiB + 5), "ip/many/small": os.urandom(10_000)}
+    files |= {f"ip/many/tiny{k}": os.urandom(100 + k) for k in range(4)}
+    for path, data in files.items():
+        client.write(path, data)
+    infos = [client.info(p) for p in files]
+    buffers: list[bytearray] = []
+
+    def buffer(size: int) -> bytearray:
+        buffers.append(bytearray(size + 7))  # larger than asked: the view is cut to size
+        return buffers[-1]
+
+    streams: list[int] = []
+    stream = AsyncClient._stream_chunks
+
+    async def counted(self: AsyncClient, server: int, *args: Any) -> Any:
+        streams.append(server)
+        return await stream(self, server, *args)
+
+    monkeypatch.setattr(AsyncClient, "_stream_chunks", counted)
+    got = client._run(client.aio.read_files, infos, buffer, map_from=MiB)
+    assert [bytes(v) for v in got] == list(files.values())  # type: ignore[arg-type]
+    assert sorted(streams) == [0, 1]  # one request per server, for all six files
+    assert isinstance(got[0], memoryview) and got[0].readonly  # mapped
+    assert len(buffers) == 5 and got[1].obj is buffers[0]  # type: ignore[union-attr]
+    # A version whose chunks are gone (the info of a version never written): that file's
+    # error, the others still read.
+    infos[1] = {**infos[1], "version": uuid.uuid4().hex}
+    got = client._run(client.aio.read_files, infos, buffer, map_from=MiB)
+    assert isinstance(got[1], NotFound)
+    assert [bytes(v) for k, v in enumerate(got) if k != 1] == [  # type: ignore[arg-type]
+        d for k, d in enumerate(files.values()) if k != 1
+    ]
     client.close()
 
 

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import uuid
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import xxhash
@@ -78,6 +87,35 @@ _READ_ATTEMPTS = 8
 _SEGMENT = 16
 
 _clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
+
+
+class _Read(NamedTuple):
+    """One version read by a fetch: where its pieces go."""
+
+    info: FileInfo
+    sink: Callable[[int, memoryview], None]  # (offset, payload) of pieces not put in target
+    target: memoryview | MappedFile | None  # received, read or mapped into straight
+
+
+class _Piece(NamedTuple):
+    """A chunk piece in a read request: ``spec`` is what the server is asked."""
+
+    chunk: int  # the chunk's index in its version
+    offset: int  # where the piece goes, relative to its read's start
+    spec: list[Any]  # [chunk key, start, length, whole]
+    read: _Read
+
+
+def _copier(out: memoryview) -> Callable[[int, memoryview], None]:
+    """A fetch sink that copies each piece into ``out`` at its offset."""
+    out = out.cast("B")
+
+    def copy(offset: int, payload: memoryview) -> None:
+        out[offset : offset + len(payload)] = payload
+
+    return copy
+
+
 _grpc_started = False  # this process has made a gRPC channel
 _forked_after_grpc = False  # ...and this process is a fork of one that had
 _inherited: list[Any] = []  # channels inherited across fork, never to be destroyed
@@ -535,11 +573,7 @@ class AsyncClient:
         """
         out = memoryview(buffer).cast("B")
         end: int = min(info["size"], start + len(out))
-
-        def copy(offset: int, payload: memoryview) -> None:
-            out[offset : offset + len(payload)] = payload
-
-        await self._fetch(info, start, end, copy, target=out, verify=verify)
+        await self._fetch(info, start, end, _copier(out), target=out, verify=verify)
         return max(0, end - start)
 
     async def map(self, info: FileInfo, *, verify: bool = True) -> memoryview | None:
@@ -561,6 +595,15 @@ class AsyncClient:
         it reads them (the dataloaders' block checksums), so the file is not read whole
         here first.
         """
+        region = await self._map_target(info)
+        if region is None:
+            return None
+        await self._fetch(info, 0, info["size"], region.copy, target=region, verify=verify)
+        return region.view()
+
+    async def _map_target(self, info: FileInfo) -> MappedFile | None:
+        """Address space to map the version's chunk files into, or None where :meth:`map`
+        would decline."""
         size = info["size"]
         if size == 0 or not can_map(info["chunk_size"]):
             return None
@@ -576,9 +619,51 @@ class AsyncClient:
         await asyncio.gather(*(self._learn_in_place(s) for s in unknown))
         if servers & self._sends_bytes:
             return None
-        region = MappedFile(size)
-        await self._fetch(info, 0, size, region.copy, target=region, verify=verify)
-        return region.view()
+        return MappedFile(size)
+
+    async def read_files(
+        self,
+        infos: Sequence[FileInfo],
+        buffer: Callable[[int], bytearray | mmap.mmap],
+        *,
+        map_from: int | None = None,
+        verify: bool = True,
+    ) -> list[memoryview | IosvcError]:
+        """Several versions whole, with one read request per server for all of them.
+
+        Files of ``map_from`` bytes or more are mapped in place where :meth:`map` would map
+        them; the others are received into ``buffer(size)`` (as :meth:`read_into`). Returns
+        each file's view (of its mapping, or of its buffer's first ``size`` bytes) or its
+        error. The dataloaders read a shard's files so: a request per file cost the client
+        and every server a request's overhead per file, most of a shard's cost in place.
+
+        A failure of the shared requests (one file replaced meanwhile, a server down) is
+        sorted out by reading each file on its own, so each gets its own answer.
+        """
+        outs: list[MappedFile | memoryview] = []
+        reads: list[tuple[FileInfo, int, int, Callable[[int, memoryview], None], Any]] = []
+        for info in infos:
+            size = info["size"]
+            mapped = None
+            if map_from is not None and size >= map_from:
+                mapped = await self._map_target(info)
+            if mapped is not None:
+                outs.append(mapped)
+                reads.append((info, 0, size, mapped.copy, mapped))
+                continue
+            view = memoryview(buffer(size))[:size]
+            outs.append(view)
+            reads.append((info, 0, size, _copier(view), view))
+        try:
+            await self._fetch_many(reads, verify=verify)
+        except IosvcError as exc:
+            if len(infos) == 1:
+                return [exc]
+            alone = await asyncio.gather(
+                *(self.read_files([i], buffer, map_from=map_from, verify=verify) for i in infos)
+            )
+            return [got for (got,) in alone]
+        return [out.view() if isinstance(out, MappedFile) else out for out in outs]
 
     async def _fetch(
         self,
@@ -596,98 +681,106 @@ class AsyncClient:
         Whole chunks are verified against the writer's checksums (unless ``verify=False``).
 
         Reads in place: a server on this host (same kernel and mount namespace) that keeps
-        chunks in files admits each chunk through its scheduler as usual, then answers with
-        the chunk's path instead of its bytes, and this client reads the file itself (into
+        chunks in files admits the chunks through its scheduler as usual, then answers with
+        each chunk's path instead of its bytes, and this client reads the file itself (into
         ``target`` at the piece's offset when given, skipping ``sink``): no copy through
         gRPC; a :class:`MappedFile` target maps the file into place instead. A chunk it
         cannot read that way (removed meanwhile, no permission) is fetched again the
         ordinary way; ``IOSVC_READ_IN_PLACE=0`` turns reading in place off.
         """
-        size = info["size"]
-        if start < 0:
-            start = max(0, size + start)
-        end = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
-        if start >= end:
-            return
-        home = self.placement.home(info["name"])
-        cs = info["chunk_size"]
-        version = info["version"]
-        plans: dict[int, list[tuple[int, int, list[Any]]]] = defaultdict(list)
-        for i in range(start // cs, (end - 1) // cs + 1):
-            c0, c1 = i * cs, min((i + 1) * cs, size)
-            lo, hi = max(start, c0) - c0, min(end, c1) - c0
-            whole = lo == 0 and hi == c1 - c0
-            plans[self.placement.chunk_server(home, i)].append(
-                (i, c0 + lo - start, [f"c/{home}/{version}/{i}", lo, hi - lo, whole])
-            )
+        await self._fetch_many([(info, start, end, sink, target)], verify=verify)
 
-        async def fetch(server: int, plan: list[tuple[int, int, list[Any]]]) -> None:
+    async def _fetch_many(
+        self,
+        reads: Sequence[tuple[FileInfo, int, int | None, Callable[[int, memoryview], None], Any]],
+        *,
+        verify: bool = True,
+    ) -> None:
+        """:meth:`_fetch` for several ``(info, start, end, sink, target)`` at once: one
+        stream per server for the pieces of all of them."""
+        plans: dict[int, list[_Piece]] = defaultdict(list)
+        for info, start, end, sink, target in reads:
+            size = info["size"]
+            if start < 0:
+                start = max(0, size + start)
+            end = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
+            if start >= end:
+                continue
+            job = _Read(info, sink, target)
+            home = self.placement.home(info["name"])
+            cs = info["chunk_size"]
+            version = info["version"]
+            for i in range(start // cs, (end - 1) // cs + 1):
+                c0, c1 = i * cs, min((i + 1) * cs, size)
+                lo, hi = max(start, c0) - c0, min(end, c1) - c0
+                whole = lo == 0 and hi == c1 - c0
+                plans[self.placement.chunk_server(home, i)].append(
+                    _Piece(i, c0 + lo - start, [f"c/{home}/{version}/{i}", lo, hi - lo, whole], job)
+                )
+
+        async def fetch(server: int, plan: list[_Piece]) -> None:
             host = self._in_place_host(server)
             while plan:
-                plan = await self._stream_chunks(server, plan, host, info, sink, target, verify)
+                plan = await self._stream_chunks(server, plan, host, verify)
                 host = None  # what could not be read in place comes through the server
 
         await asyncio.gather(*(fetch(s, p) for s, p in plans.items()))
 
     async def _stream_chunks(
-        self,
-        server: int,
-        plan: list[tuple[int, int, list[Any]]],
-        host: str | None,
-        info: FileInfo,
-        sink: Callable[[int, memoryview], None],
-        target: memoryview | MappedFile | None,
-        verify: bool = True,
-    ) -> list[tuple[int, int, list[Any]]]:
+        self, server: int, plan: list[_Piece], host: str | None, verify: bool = True
+    ) -> list[_Piece]:
         """One ``ReadChunks`` stream (with retries); returns the pieces told to be read in
         place that could not be (to fetch again through the server, which answers NotFound
         if they are really gone)."""
-        checksums = info["checksums"]
-        again: list[tuple[int, int, list[Any]]] = []
+        again: list[_Piece] = []
 
         async def attempt() -> None:
             again.clear()
-            header = {**self._auth, "chunks": [c for _, _, c in plan]}
+            header = {**self._auth, "chunks": [p.spec for p in plan]}
             if host is not None:
                 header["host"] = host
-            frames = self._read_frames(server, header, plan, target)
+            frames = self._read_frames(server, header, plan)
             async with asyncio.timeout(self.timeout), contextlib.aclosing(frames):
                 async for header, payload, received in frames:
-                    index, offset, spec = plan[header["i"]]
+                    piece = plan[header["i"]]
+                    index, offset, spec, job = piece
+                    target = job.target
                     direct = received
                     if "path" in header:
                         read = self._read_in_place(server, header["path"], spec, target, offset)
                         if read is None:
-                            again.append(plan[header["i"]])
+                            again.append(piece)
                             continue
                         payload, direct = read, target is not None
                         self._note_in_place(server, True)
                     elif host is not None:
                         self._note_in_place(server, False)
+                    name = job.info["name"]
                     if len(payload) != spec[2]:
-                        raise DataCorruption(f"{info['name']}: chunk {index} is short")
-                    if verify and spec[3] and xxhash.xxh3_64_intdigest(payload) != checksums[index]:
+                        raise DataCorruption(f"{name}: chunk {index} is short")
+                    if (
+                        verify
+                        and spec[3]
+                        and xxhash.xxh3_64_intdigest(payload) != job.info["checksums"][index]
+                    ):
                         raise DataCorruption(
-                            f"{info['name']}: chunk {index} from {self.spec.servers[server]} "
+                            f"{name}: chunk {index} from {self.spec.servers[server]} "
                             "failed its checksum"
                         )
                     if not direct:
-                        sink(offset, payload)
+                        job.sink(offset, payload)
 
         await self._retry(server, attempt)
         return again
 
     async def _read_frames(
-        self,
-        server: int,
-        header: dict[str, Any],
-        plan: list[tuple[int, int, list[Any]]],
-        target: memoryview | MappedFile | None,
+        self, server: int, header: dict[str, Any], plan: list[_Piece]
     ) -> AsyncGenerator[tuple[dict[str, Any], memoryview, bool], None]:
         """One read request's replies: ``(header, payload, received into target)``.
 
-        Over the server's data port when it has one (payloads for a ``target`` buffer land
-        there straight from the socket), else over a gRPC ``ReadChunks`` stream.
+        Over the server's data port when it has one (payloads for a piece whose read has a
+        ``target`` buffer land there straight from the socket), else over a gRPC
+        ``ReadChunks`` stream.
         """
         sock = await self._data.acquire(server) if self._use_data_plane else None
         if sock is None:
@@ -699,12 +792,12 @@ class AsyncClient:
 
         def destination(reply: dict[str, Any]) -> memoryview | None:
             piece = reply.get("i")
-            if not isinstance(target, memoryview) or not isinstance(piece, int):
+            if not isinstance(piece, int) or not 0 <= piece < len(plan):
                 return None
-            if not 0 <= piece < len(plan):
+            _, offset, spec, job = plan[piece]
+            if not isinstance(job.target, memoryview):
                 return None
-            _, offset, spec = plan[piece]
-            return target[offset : offset + spec[2]]
+            return job.target[offset : offset + spec[2]]
 
         frames = _dataplane.read_frames(self._data, server, sock, header, destination)
         async with contextlib.aclosing(frames):

@@ -152,10 +152,11 @@ def test_reused_buffers_in_collated_batches_on_iosvc(iosvc_url: str, pooled: Non
         assert checked_images(loader, samples) == N
 
 
-def test_a_shards_files_are_looked_up_together_on_iosvc(
+def test_a_readers_files_are_looked_up_together_on_iosvc(
     iosvc_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One metadata call per home server for a shard's files, not one per file."""
+    """The metadata of the files of a reader's shards is asked ahead, in one call per home
+    server (up to LOOKUP_AHEAD files), not per shard, nor per file."""
     from iosvc.client import AsyncClient
     from iosvc.placement import Placement
 
@@ -176,18 +177,18 @@ def test_a_shards_files_are_looked_up_together_on_iosvc(
         patched.setattr(AsyncClient, "call", counted)
         patched.setattr(AsyncClient, "info", one_by_one)
         assert sorted(s["id"] for s in ds) == list(range(N))
-    # Exactly one call per home server of each shard's files (its .raw and its checksums).
+    # One call per home server of all the shards' files (.raw and checksums), each once.
     placement = Placement(2)
     root = iosvc_url.removeprefix("iosvc://")
-    homes = [
-        {placement.home(f"{root}/{name}") for name in (f"{s.name}.raw", s.sums.path)}
-        for s in ds.manifest.shards
-        if s.sums is not None
-    ]
-    assert len(homes) == len(ds.manifest.shards) and any(len(h) == 1 for h in homes)
+    shards = [s for s in ds.manifest.shards if s.sums is not None]
+    assert len(shards) == len(ds.manifest.shards) > 4
+    assert 2 * len(shards) <= dataloaders._cache.LOOKUP_AHEAD
+    homes = {
+        placement.home(f"{root}/{name}") for s in shards for name in (f"{s.name}.raw", s.sums.path)
+    }
     stats = [n for op, n in calls if op == "stat"]
-    assert len(stats) == sum(len(h) for h in homes)
-    assert sum(stats) == 2 * len(homes)
+    assert len(stats) == len(homes) == 2
+    assert sum(stats) == 2 * len(shards)
 
 
 def test_corrupted_shard_on_iosvc_is_named(iosvc_url: str, pooled: None) -> None:
