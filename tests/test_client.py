@@ -177,6 +177,35 @@ def test_info_many_with_a_server_down_answers_the_others(fresh_cluster: LocalClu
     assert len({id(e) for e in down}) == len(down)  # raised later one by one, each its own
 
 
+def test_read_files_with_a_server_down_fails_each_file_once(
+    fresh_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files read together whose shared request cannot be served get the failure each (their
+    own exception objects), without each being retried on its own."""
+    from iosvc.client import AsyncClient
+
+    assert fresh_cluster.spec is not None
+    client = Client(fresh_cluster.spec, retries=2, timeout=5, chunk_size=64 * 1024)
+    files = {f"rf/f{i}": os.urandom(200_000 + i) for i in range(3)}  # chunks on both servers
+    client.write_many(files)
+    infos = client.info_many(list(files))
+    got = client._run(client.aio.read_files, infos, bytearray)
+    assert [bytes(v) for v in got] == list(files.values())  # type: ignore[arg-type]
+    fetches: list[int] = []
+    fetch_many = AsyncClient._fetch_many
+
+    async def counted(self: AsyncClient, *args: Any, **kwargs: Any) -> Any:
+        fetches.append(len(args[0]))
+        return await fetch_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncClient, "_fetch_many", counted)
+    fresh_cluster.kill(1, signal.SIGKILL)
+    got = client._run(client.aio.read_files, infos, bytearray)
+    assert all(isinstance(e, Unavailable) for e in got)
+    assert len({id(e) for e in got}) == len(got)
+    assert fetches == [3]  # one attempt for the three, none file by file
+
+
 def test_mkdir_marker_lists_empty_directory(client: Client, prefix: str) -> None:
     client.mkdir(f"{prefix}/empty")
     assert client.info(f"{prefix}/empty")["type"] == "directory"

@@ -637,8 +637,9 @@ class AsyncClient:
         error. The dataloaders read a shard's files so: a request per file cost the client
         and every server a request's overhead per file, most of a shard's cost in place.
 
-        A failure of the shared requests (one file replaced meanwhile, a server down) is
-        sorted out by reading each file on its own, so each gets its own answer.
+        A version gone meanwhile (``NotFound``) is sorted out by reading each file on its
+        own, so each gets its own answer; any other failure (a server down, a deadline, a
+        corrupt chunk) is every file's.
         """
         outs: list[MappedFile | memoryview] = []
         reads: list[tuple[FileInfo, int, int, Callable[[int, memoryview], None], Any]] = []
@@ -656,13 +657,20 @@ class AsyncClient:
             reads.append((info, 0, size, _copier(view), view))
         try:
             await self._fetch_many(reads, verify=verify)
-        except IosvcError as exc:
+        except NotFound as exc:
             if len(infos) == 1:
                 return [exc]
+            # Some version is gone (replaced or removed since its info): which one(s), each
+            # file read on its own says.
             alone = await asyncio.gather(
                 *(self.read_files([i], buffer, map_from=map_from, verify=verify) for i in infos)
             )
             return [got for (got,) in alone]
+        except IosvcError as exc:
+            # A server down, a deadline, a corrupt chunk: every file shares the failure (not
+            # asked again one by one, which would multiply the retries), each with its own
+            # exception object.
+            return [type(exc)(str(exc)) for _ in infos]
         return [out.view() if isinstance(out, MappedFile) else out for out in outs]
 
     async def _fetch(
