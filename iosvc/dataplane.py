@@ -12,6 +12,8 @@ says ``"n": n``::
     read      {"op": "read", "chunks": [[key, start, length, whole], ...], <identity>,
                "host": ...}   (optional: offers to read the chunk files in place, same host)
       reply   {"i": k, "n": n, "ck": ...} + n bytes   (or {"i": k, "path": ...}), one per piece
+              (the pieces of one request may belong to several files; path replies are
+              sent together, a run of them per send)
       last    {"end": true, "n": 0}   or   {"error": name, "msg": ..., "n": 0}
 
     write     {"op": "write", "key": ..., "ck": xxh3, "n": n, <identity>} + n bytes, repeated
@@ -36,7 +38,10 @@ store keeps. HPC storage splits its transports the same way (Mercury's RPC + bul
 ThemisIO's own sockets).
 
 Every request carries the same identity or token as a gRPC call and every chunk is admitted
-by the server's scheduler in the same way, so fair shares do not depend on the transport.
+by the server's scheduler in the same way, so fair shares do not depend on the transport
+(chunks read in place are admitted in runs, each one request for the bytes of its chunks:
+``IoService._answer_in_place``). Both sides read frames through a small buffer
+(:class:`FrameReader`): a run of replies, or a request's header, takes one ``recv``.
 The data port is off on servers with TLS (transfers then go through gRPC, which encrypts
 them).
 """

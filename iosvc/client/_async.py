@@ -579,10 +579,10 @@ class AsyncClient:
     async def map(self, info: FileInfo, *, verify: bool = True) -> memoryview | None:
         """The whole version as one read-only view mapped from the servers' chunk files.
 
-        For a reader on the servers' host (a node-local burst buffer): every chunk is
-        admitted by its server's scheduler as for any read, then its file is mapped into
-        place (``mmap``), so nothing is copied and no fresh memory is filled; the pages are
-        the ones the servers keep (page cache or tmpfs), as with a local file's ``mmap``.
+        For a reader on the servers' host (a node-local burst buffer): the chunks are
+        admitted by their servers' schedulers as for any read, then their files are mapped
+        into place (``mmap``), so nothing is copied and no fresh memory is filled; the pages
+        are the ones the servers keep (page cache or tmpfs), as with a local file's ``mmap``.
         Chunks that come through gRPC after all are copied into place, and the view is
         correct either way; whole chunks are verified against the writer's checksums.
 
