@@ -182,7 +182,8 @@ class ShardFetcher:
         names = [self.fs._strip_protocol(path) for path in paths]
         missing = [name for name in names if name not in self._infos]
         if missing:
-            ahead = [n for n in self._names_ahead(LOOKUP_AHEAD - len(missing)) if n not in missing]
+            asking = set(missing)
+            ahead = [n for n in self._names_ahead(LOOKUP_AHEAD - len(missing)) if n not in asking]
             asked = missing + ahead
             found = await client.info_many(asked)
             answers = dict(zip(asked, found, strict=True))
