@@ -566,3 +566,31 @@ def test_frame_reader_refuses_an_oversized_header() -> None:
         b.close()
 
     asyncio.run(run())
+
+
+def test_numeric_hosts_connect_without_a_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A numeric address is connected to at once (asyncio's lookup runs in a thread pool
+    that a worker's first read would start); a name is still looked up."""
+    from iosvc.client import _dataplane
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    looked_up: list[str] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        lookup = loop.getaddrinfo
+
+        async def counted(host: str, *args: Any, **kwargs: Any) -> Any:
+            looked_up.append(host)
+            return await lookup(host, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "getaddrinfo", counted)
+        for host in ("127.0.0.1", "localhost"):
+            sock = await _dataplane._connect(loop, host, port)
+            assert sock.getpeername()[1] == port
+            sock.close()
+
+    asyncio.run(run())
+    listener.close()
+    assert looked_up == ["localhost"]

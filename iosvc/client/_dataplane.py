@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import socket
 import weakref
@@ -144,10 +145,19 @@ class DataConnections:
 
 async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
     """A tuned connection to the first address of ``host`` that answers."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    addresses: list[tuple[int, Any]]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [(family, address) for family, _, _, _, address in infos]
+    else:
+        # A numeric address (what cluster files hold) needs no lookup: asyncio's runs in a
+        # thread pool, which a DataLoader worker's first read would start for it.
+        addresses = [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))]
     error: OSError = OSError(f"no address for {host}")
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
+    for family, address in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, address)
