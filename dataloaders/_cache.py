@@ -15,6 +15,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -36,6 +37,9 @@ __all__ = ["BufferPool", "ShardFetcher", "ShardPrefetcher"]
 POOLED_MIN = 1 << 20  # files smaller than this are read into fresh buffers
 #: Files whose metadata one lookup asks at most (the first shard's and those of the next).
 LOOKUP_AHEAD = 256
+#: Seconds metadata asked ahead stays usable: well within the servers' grace for replaced
+#: versions (5 s), so the version it names is still there to read; older, it is asked again.
+LOOKUP_MAX_AGE = 2.0
 _ROUND = 4096  # pages
 
 
@@ -166,9 +170,10 @@ class ShardFetcher:
         # (and memory:// ones this process's).
         self.node_cache = node_cache if verify and not is_local(url) else None
         self.cache_hits = 0  # files mapped from the node cache (a statistic)
-        # Metadata of files asked ahead (expect()), by name; each used once, by the loop
-        # thread only.
-        self._infos: dict[str, Any] = {}
+        # Metadata of files asked ahead (expect()): name -> (info, when asked); each used
+        # once, and only while young; touched by the loop thread only.
+        self._infos: dict[str, tuple[Any, float]] = {}
+        self._used: set[str] = set()  # names whose shard was read: never kept again
         self._upcoming: list[ShardEntry] = []
         self._looked_up = 0  # shards of _upcoming whose files were asked already
 
@@ -180,18 +185,25 @@ class ShardFetcher:
         # per server for them all (not one per file: a shard's small files cost as many
         # requests as its large one, and each request costs the client and its server).
         names = [self.fs._strip_protocol(path) for path in paths]
-        missing = [name for name in names if name not in self._infos]
+        # Taken before any await, so that no other shard's lookup can change them meanwhile.
+        fresh = time.monotonic() - LOOKUP_MAX_AGE
+        known = {n: got for n in names if (got := self._infos.pop(n, None)) and got[1] >= fresh}
+        self._used.update(names)
+        missing = [name for name in names if name not in known]
+        answers: dict[str, Any] = {name: got[0] for name, got in known.items()}
         if missing:
             asking = set(missing)
             ahead = [n for n in self._names_ahead(LOOKUP_AHEAD - len(missing)) if n not in asking]
             asked = missing + ahead
             found = await client.info_many(asked)
-            answers = dict(zip(asked, found, strict=True))
-            # Kept for later shards: what was found (an error is asked again when needed).
-            self._infos.update((n, i) for n, i in answers.items() if not isinstance(i, Exception))
-        else:
-            answers = {}
-        infos = [self._infos.pop(name, None) or answers[name] for name in names]
+            now = time.monotonic()
+            for name, info in zip(asked, found, strict=True):
+                if name in asking:
+                    answers[name] = info
+                elif name not in self._used and not isinstance(info, Exception):
+                    # Kept for a later shard (an error is asked again when it is needed).
+                    self._infos[name] = (info, now)
+        infos = [answers[name] for name in names]
         out: dict[str, Any] = {}
         wanted: list[tuple[str, Any]] = []
         for path, name, info in zip(paths, names, infos, strict=True):
@@ -259,7 +271,11 @@ class ShardFetcher:
     def expect(self, shards: Sequence[ShardEntry]) -> None:
         """The shards about to be loaded, in order: the metadata of their files is asked
         ahead, with that of the first shard loaded (in batches of ``LOOKUP_AHEAD`` files),
-        instead of one call per shard and server."""
+        instead of one call per shard and server. Not with the node cache, whose copies
+        need no metadata (asking it ahead would cost its warm epochs calls they do not
+        make now)."""
+        if self.node_cache is not None:
+            return
         self._upcoming = list(shards)
         self._looked_up = 0
 

@@ -191,13 +191,15 @@ async def recv_header(
 
 
 class FrameReader:
-    """Receives one request's reply frames through a small buffer.
+    """Receives frames from a connection through a small buffer.
 
-    One ``recv`` takes whatever has arrived: the headers of a run of small replies (chunks
-    to read in place, sent together) are parsed from it, not received two ``recv`` calls
-    each. A payload's bytes past those already buffered are received straight into their
-    destination. The buffer may hold the start of a payload, never bytes of a later
-    request's replies (a connection carries one request at a time).
+    One ``recv`` takes whatever has arrived: the headers of a run of small frames (replies
+    of chunks to read in place, sent together; a request's header) are parsed from it, not
+    received two ``recv`` calls each. A payload's bytes past those already buffered are
+    received straight into their destination. The buffer may hold bytes of the next frames
+    too, so every read of the connection must go through the same reader (a client's
+    reader lives for one request, whose replies are the only bytes a server sends it; see
+    ``buffered``).
 
     Parameters
     ----------
@@ -243,6 +245,8 @@ class FrameReader:
         """Buffer at least ``need`` bytes (``need`` <= the buffer size)."""
         if self._hi - self._lo >= need:
             return
+        if self._lo == self._hi:  # empty: offer the next recv the whole buffer
+            self._lo = self._hi = 0
         if len(self._buf) - self._lo < need:  # move what is left to the front
             kept = self._hi - self._lo
             self._buf[:kept] = self._buf[self._lo : self._hi]

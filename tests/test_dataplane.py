@@ -594,3 +594,33 @@ def test_numeric_hosts_connect_without_a_lookup(monkeypatch: pytest.MonkeyPatch)
     asyncio.run(run())
     listener.close()
     assert looked_up == ["localhost"]
+
+
+def test_frame_reader_offers_an_emptied_buffer_whole() -> None:
+    """Once everything buffered is handed out, the next recv may fill the whole buffer (a
+    run of replies is then one recv, not two)."""
+
+    async def run() -> list[int]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        offered: list[int] = []
+        recv_into = loop.sock_recv_into
+
+        async def spy(sock: socket.socket, buf: Any) -> int:
+            offered.append(len(buf))
+            return await recv_into(sock, buf)
+
+        loop.sock_recv_into = spy  # type: ignore[method-assign]
+        reader = dataplane.FrameReader(loop, a, 4096)
+        run_of = b"".join(dataplane.frame({"i": k, "path": "p" * 60, "n": 0}) for k in range(30))
+        for _ in range(3):
+            b.sendall(run_of)
+            for _ in range(30):
+                await reader.header()
+        a.close()
+        b.close()
+        return offered
+
+    offered = asyncio.run(run())
+    assert offered and set(offered) == {4096}

@@ -6,6 +6,7 @@ Real asyncio and real time (no server): the gate alone decides when the device w
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import pytest
@@ -98,3 +99,36 @@ async def test_split_request_is_charged_one_operation() -> None:
     assert (stats.served_bytes, stats.served_ops) == (4 * MiB + 4 * KiB, 2)
     snapshot = gate.scheduler.snapshot()
     assert (snapshot.served_ops, snapshot.served_bytes) == (2, 4 * MiB + 4 * KiB)
+
+
+async def test_operations_admitted_together_cost_what_they_would_one_by_one() -> None:
+    """n chunks admitted as one request (reads in place) are charged n operations and the
+    device's latency n times, like n requests; what they move is booked in device pieces."""
+    latency = 0.002
+    device = DeviceModel(None, latency=latency, max_io=64 * KiB)
+    gate = IoGate(policy={"policy": "job-fair", "op_cost": MiB}, device=device)
+    together = JobIdentity(job_id="a", user="u", group="g", nodes=1)
+    alone = JobIdentity(job_id="b", user="u", group="g", nodes=1)
+    t0 = time.monotonic()
+    async with gate.admit(together, 8 * 100 * KiB, ops=8):
+        pass
+    waited = time.monotonic() - t0
+    for _ in range(8):
+        async with gate.admit(alone, 100 * KiB):
+            pass
+    a, b = gate.jobs[together], gate.jobs[alone]
+    assert (a.served_bytes, a.served_ops) == (b.served_bytes, b.served_ops) == (800 * KiB, 8)
+    assert waited >= 8 * latency  # the device's latency once per operation
+    # Charged alike: with both jobs backlogged, the fair queue alternates their requests.
+    order: list[str] = []
+    sched = gate.scheduler
+    sched.enqueue(together, 800 * KiB, "a1", ops=8)
+    sched.enqueue(together, 800 * KiB, "a2", ops=8)
+    for k in range(16):
+        sched.enqueue(alone, 100 * KiB, f"b{k}")
+    while (item := sched.dequeue()) is not None:
+        order.append(item)
+    # a request of 8 chunks costs 8 of b's: a2 only after b7 (charged one op: after b1)
+    assert order.index("a2") > order.index("b6")
+    with pytest.raises(ValueError, match="ops"):
+        sched.enqueue(alone, 1, "bad", ops=-1)

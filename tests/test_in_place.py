@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,8 +159,9 @@ def test_map_gives_the_file_mapped_from_chunk_files(disk_cluster: LocalCluster) 
 
 def test_chunks_read_in_place_are_admitted_in_runs(disk_cluster: LocalCluster) -> None:
     """A server admits the chunks it lets a client read in place in runs of IN_PLACE_RUN,
-    one request for the bytes of the run (charged to the job in full), not chunk by chunk;
-    every chunk is still answered with its file."""
+    each one request that stands for its chunks: the job is charged and credited every
+    chunk and its bytes as if admitted one by one, and every chunk is answered with its
+    file."""
     from iosvc.server._service import IN_PLACE_RUN
 
     assert disk_cluster.spec is not None
@@ -183,7 +185,7 @@ def test_chunks_read_in_place_are_admitted_in_runs(disk_cluster: LocalCluster) -
     assert view is not None and bytes(view) == data
     (bytes1, ops1) = served()
     assert _in_place(client) - before == n_chunks
-    assert ops1 - ops0 == 4  # two runs on each of the two servers
+    assert ops1 - ops0 == n_chunks  # counted (and charged) per chunk
     assert bytes1 - bytes0 == len(data)
     del view
     client.close()
@@ -230,6 +232,85 @@ def test_read_files_maps_and_receives_many_files_in_one_request_per_server(
     assert [bytes(v) for k, v in enumerate(got) if k != 1] == [  # type: ignore[arg-type]
         d for k, d in enumerate(files.values()) if k != 1
     ]
+    client.close()
+
+
+def test_read_files_reads_again_what_could_not_be_read_in_place(
+    disk_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces of several files sharing streams, every other one failing to be read in place
+    (fetched again through the servers): each byte lands in its own file's place."""
+    from iosvc.client import AsyncClient
+
+    assert disk_cluster.spec is not None
+    client = Client(disk_cluster.spec)
+    files = {
+        "ip/again/big1": os.urandom(3 * MiB + 5),
+        "ip/again/big2": os.urandom(2 * MiB + 77),
+        "ip/again/small": os.urandom(300_000),
+        "ip/again/mid": os.urandom(MiB + 3),
+    }
+    for path, data in files.items():
+        client.write(path, data)
+    infos = [client.info(p) for p in files]
+    read_in_place = AsyncClient._read_in_place
+    calls = [0]
+
+    def flaky(self: AsyncClient, *args: Any) -> Any:
+        calls[0] += 1
+        return None if calls[0] % 2 else read_in_place(self, *args)
+
+    monkeypatch.setattr(AsyncClient, "_read_in_place", flaky)
+    for map_from in (MiB, None):
+        got = client._run(client.aio.read_files, infos, bytearray, map_from=map_from)
+        assert [bytes(v) for v in got] == list(files.values())  # type: ignore[arg-type]
+    assert calls[0] > 8
+    client.close()
+
+
+def test_a_failed_read_files_stops_its_other_streams(
+    disk_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When one stream fails, the others are cancelled before read_files answers: none goes
+    on writing into buffers the caller already has back."""
+    from iosvc.client import AsyncClient
+
+    assert disk_cluster.spec is not None
+    client = Client(disk_cluster.spec)
+    data = os.urandom(6 * MiB)
+    client.write("ip/stop/slow", data)
+    client.write("ip/stop/gone", b"x" * 1000)
+    infos = [client.info("ip/stop/slow"), client.info("ip/stop/gone")]
+    infos[1] = {**infos[1], "version": uuid.uuid4().hex}  # NotFound on its server
+    stream_chunks = AsyncClient._stream_chunks
+    finished: list[bool] = []
+
+    async def slow(self: AsyncClient, server: int, plan: Any, *args: Any) -> Any:
+        if {p.read.info["name"] for p in plan} == {"ip/stop/slow"} and not finished:
+            finished.append(False)
+            await asyncio.sleep(0.5)
+            finished[0] = True
+        return await stream_chunks(self, server, plan, *args)
+
+    monkeypatch.setattr(AsyncClient, "_stream_chunks", slow)
+    got = client._run(client.aio.read_files, infos, bytearray, map_from=None)
+    assert isinstance(got[1], NotFound)
+    assert bytes(got[0]) == data  # read again on its own
+    time.sleep(0.8)  # what the slow stream would need to finish, had it not been cancelled
+    assert finished == [False]
+    client.close()
+
+
+def test_read_files_splits_long_requests(disk_cluster: LocalCluster) -> None:
+    """More pieces for one server than one request may carry (servers refuse lists over
+    4096): asked in several requests, all read."""
+    assert disk_cluster.spec is not None
+    client = Client(disk_cluster.spec)
+    files = {f"ip/long/f{i}": b"%d" % i for i in range(9000)}
+    client.write_many(files)
+    infos = client.info_many(list(files))
+    got = client._run(client.aio.read_files, infos, bytearray)
+    assert [bytes(v) for v in got] == list(files.values())  # type: ignore[arg-type]
     client.close()
 
 

@@ -83,6 +83,8 @@ def _transport_failure(exc: grpc.RpcError) -> bool:
 _WINDOW = 64 * 1024 * 1024
 #: Versions a read by name follows when a hot file keeps being replaced under it.
 _READ_ATTEMPTS = 8
+#: Chunk pieces asked of a server in one read request (servers refuse lists over 4096).
+_MAX_PIECES = 1024
 #: Chunks per write call to one server (kept for resending until acknowledged).
 _SEGMENT = 16
 
@@ -629,7 +631,8 @@ class AsyncClient:
         map_from: int | None = None,
         verify: bool = True,
     ) -> list[memoryview | IosvcError]:
-        """Several versions whole, with one read request per server for all of them.
+        """Several versions whole, with one read request per server for all of them (per
+        1024 chunks).
 
         Files of ``map_from`` bytes or more are mapped in place where :meth:`map` would map
         them; the others are received into ``buffer(size)`` (as :meth:`read_into`). Returns
@@ -727,12 +730,23 @@ class AsyncClient:
                 )
 
         async def fetch(server: int, plan: list[_Piece]) -> None:
-            host = self._in_place_host(server)
-            while plan:
-                plan = await self._stream_chunks(server, plan, host, verify)
-                host = None  # what could not be read in place comes through the server
+            for at in range(0, len(plan), _MAX_PIECES):
+                part = plan[at : at + _MAX_PIECES]
+                host = self._in_place_host(server)
+                while part:
+                    part = await self._stream_chunks(server, part, host, verify)
+                    host = None  # what could not be read in place comes through the server
 
-        await asyncio.gather(*(fetch(s, p) for s, p in plans.items()))
+        # One failed stream fails the fetch, and the others stop with it: they would
+        # otherwise go on writing into buffers their caller has been told about.
+        streams = [asyncio.ensure_future(fetch(s, p)) for s, p in plans.items()]
+        try:
+            await asyncio.gather(*streams)
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+            raise
 
     async def _stream_chunks(
         self, server: int, plan: list[_Piece], host: str | None, verify: bool = True

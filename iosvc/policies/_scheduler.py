@@ -347,7 +347,7 @@ class FairScheduler(Generic[T]):
         """Sum of ``nbytes`` over queued requests."""
         return self._qbytes
 
-    def enqueue(self, identity: JobIdentity, nbytes: int, item: T, *, op: bool = True) -> None:
+    def enqueue(self, identity: JobIdentity, nbytes: int, item: T, *, ops: int = 1) -> None:
         """Queue a request.
 
         Parameters
@@ -355,13 +355,14 @@ class FairScheduler(Generic[T]):
         identity
             The job the request belongs to; the policy maps it to its place in the share tree.
         nbytes
-            Bytes the request moves; it is charged ``nbytes + policy.op_cost``.
+            Bytes the request moves; it is charged ``nbytes + ops * policy.op_cost``.
         item
             Anything; :meth:`dequeue` returns it.
-        op
-            Whether this is an operation of its own (charged ``op_cost``, counted in ``ops``).
-            False for the later pieces of a request split into several, so that a split
-            request costs what it would whole.
+        ops
+            Operations the request stands for (each charged ``op_cost``, counted in ``ops``):
+            0 for the later pieces of a request split into several, so that a split request
+            costs what it would whole; n for n chunks admitted as one request, so that they
+            cost what they would one by one.
 
         Raises
         ------
@@ -370,13 +371,15 @@ class FairScheduler(Generic[T]):
         """
         if nbytes.__class__ is not int or nbytes < 0:
             _check_nbytes(nbytes)
+        if ops.__class__ is not int or ops < 0:
+            raise ValueError(f"ops must be an integer >= 0, not {ops!r}")
         leaf = self._leaves.get(self._route(identity))
         if leaf is None:
             leaf = self._grow(identity)
         fifo = leaf.fifo
         if not fifo:
             self._activate(leaf)
-        fifo.append((next(self._counter), identity, nbytes, 1 if op else 0, item, self._clock()))
+        fifo.append((next(self._counter), identity, nbytes, ops, item, self._clock()))
         leaf.qbytes += nbytes
         self._len += 1
         self._qbytes += nbytes

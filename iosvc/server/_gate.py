@@ -67,16 +67,15 @@ class DeviceModel:
         """When the work booked so far ends (monotonic clock)."""
         return self._free_at
 
-    def reserve(self, nbytes: int, *, first: bool = True) -> float:
-        """Book the device for ``nbytes``; return how long the caller must wait.
+    def reserve(self, nbytes: int, *, ops: int = 1) -> float:
+        """Book the device for ``nbytes`` and ``ops`` operations; return how long the caller
+        must wait.
 
-        ``first`` is False for the later pieces of a split request: the per-op latency is paid
-        once per request.
+        ``ops`` is 0 for the later pieces of a split request (the per-op latency is paid
+        once per request), n for n chunks admitted as one request (paid per chunk).
         """
         now = time.monotonic()
-        cost = (self.latency if first else 0.0) + (
-            nbytes / self.bandwidth if self.bandwidth else 0.0
-        )
+        cost = self.latency * ops + (nbytes / self.bandwidth if self.bandwidth else 0.0)
         self._free_at = max(now, self._free_at) + cost
         return self._free_at - now
 
@@ -93,12 +92,15 @@ class JobStats:
 class _Waiter:
     """One request at the gate; the scheduler holds it once per device piece."""
 
-    __slots__ = ("enqueued", "future", "identity", "nbytes", "unbooked", "until")
+    __slots__ = ("enqueued", "future", "identity", "nbytes", "ops", "unbooked", "until")
 
-    def __init__(self, future: asyncio.Future[None], identity: JobIdentity, nbytes: int) -> None:
+    def __init__(
+        self, future: asyncio.Future[None], identity: JobIdentity, nbytes: int, ops: int
+    ) -> None:
         self.future = future
         self.identity = identity
         self.nbytes = nbytes
+        self.ops = ops  # operations it stands for (chunks admitted together)
         self.unbooked = nbytes  # bytes whose device time is not booked yet
         self.enqueued = time.monotonic()
         self.until = 0.0  # end of its device booking (monotonic), set when granted
@@ -126,7 +128,7 @@ class IoGate:
         slots: int | None = None,
         policy: Policy | Mapping[str, Any] | str = "fifo",
         device: DeviceModel | None = None,
-        on_grant: Callable[[JobIdentity, int, float], None] | None = None,
+        on_grant: Callable[[JobIdentity, int, float, int], None] | None = None,
     ) -> None:
         if slots is None:
             slots = 16
@@ -157,18 +159,22 @@ class IoGate:
         return new
 
     @asynccontextmanager
-    async def admit(self, identity: JobIdentity, nbytes: int) -> AsyncIterator[None]:
-        """Wait for a slot in policy order, hold it for the I/O (and emulated device time)."""
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), identity, nbytes)
+    async def admit(self, identity: JobIdentity, nbytes: int, ops: int = 1) -> AsyncIterator[None]:
+        """Wait for a slot in policy order, hold it for the I/O (and emulated device time).
+
+        ``ops`` > 1 admits that many operations as one request (chunks read in place): each
+        is charged ``op_cost`` and the device's latency, and counted, as if admitted alone.
+        """
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), identity, nbytes, ops)
         piece = self.device.max_io if self.device is not None else nbytes
         if nbytes <= piece:
-            self.scheduler.enqueue(identity, nbytes, waiter)
+            self.scheduler.enqueue(identity, nbytes, waiter, ops=ops)
         else:
             # Queued back to back in the job's FIFO, so pieces are booked in order; op_cost is
             # charged on the first one only.
             for offset in range(0, nbytes, piece):
                 size = min(piece, nbytes - offset)
-                self.scheduler.enqueue(identity, size, waiter, op=offset == 0)
+                self.scheduler.enqueue(identity, size, waiter, ops=ops if offset == 0 else 0)
         self._dispatch()
         if not waiter.future.done():
             try:
@@ -211,7 +217,7 @@ class IoGate:
                 piece = min(waiter.unbooked, device.max_io)
                 first = waiter.unbooked == waiter.nbytes
                 waiter.unbooked -= piece
-                waiter.until = now + device.reserve(piece, first=first)
+                waiter.until = now + device.reserve(piece, ops=waiter.ops if first else 0)
                 if waiter.unbooked > 0:
                     continue  # more pieces of it are queued: the last one grants the request
             self._free -= 1
@@ -220,10 +226,10 @@ class IoGate:
             if stats is None:
                 stats = self.jobs[waiter.identity] = JobStats()
             stats.served_bytes += waiter.nbytes
-            stats.served_ops += 1
+            stats.served_ops += waiter.ops
             stats.wait_seconds += waited
             if self.on_grant is not None:
-                self.on_grant(waiter.identity, waiter.nbytes, waited)
+                self.on_grant(waiter.identity, waiter.nbytes, waited, waiter.ops)
             waiter.future.set_result(None)
 
     def _arm_timer(self, when: float | None = None) -> None:

@@ -51,7 +51,7 @@ class ServerMetrics:
         self._server: Any = None
         self._children: dict[JobIdentity, tuple[Any, Any, Any]] = {}
 
-    def on_grant(self, identity: JobIdentity, nbytes: int, waited: float) -> None:
+    def on_grant(self, identity: JobIdentity, nbytes: int, waited: float, ops: int = 1) -> None:
         children = self._children.get(identity)
         if children is None:
             # Looked up once per job: labels() validates and locks on every call, which was
@@ -64,7 +64,7 @@ class ServerMetrics:
             )
         served, requests, wait_seconds = children
         served.inc(nbytes)
-        requests.inc()
+        requests.inc(ops)
         wait_seconds.inc(waited)
         self.wait.observe(waited)
 

@@ -343,16 +343,17 @@ class IoService:
         """Where each chunk's file lies, for a client on this host that reads them itself.
 
         The gate admits them in runs of up to ``IN_PLACE_RUN`` chunks, each run one request
-        for the bytes of all its chunks: the policy charges the job what it will read, as
-        for chunks sent, but a shard's 20 chunks cost one admission instead of 20 (per
-        chunk, the admission, its task and its reply frame were most of a server's CPU per
-        shard mapped in place). The device model, if any, still books them in ``max_io``
-        pieces, so other jobs' requests are interleaved between the pieces of a run.
+        that stands for its chunks: the policy charges the job their bytes and an
+        ``op_cost`` per chunk, the device model their latency per chunk, and both count
+        them, as for chunks admitted one by one; but a shard's 20 chunks cost the server one
+        admission instead of 20 (per chunk, the admission, its task and its reply frame were
+        most of a server's CPU per shard mapped in place). The device model still books a
+        run in ``max_io`` pieces, so other jobs' requests are interleaved between them.
         """
         try:
             for first in range(0, len(chunks), IN_PLACE_RUN):
                 run = chunks[first : first + IN_PLACE_RUN]
-                async with self.gate.admit(identity, sum(c[2] for c in run)):
+                async with self.gate.admit(identity, sum(c[2] for c in run), len(run)):
                     paths = [self.store.local_path(c[0]) for c in run]
                 self.in_place_reads += len(run)
                 for i, path in enumerate(paths, first):

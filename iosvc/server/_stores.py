@@ -185,6 +185,8 @@ class LocalDirStore(ChunkStore):
         # A string, not a Path: asked once per chunk read in place, where pathlib's joins
         # were a tenth of the server's CPU.
         kind, _, rest = key.partition("/")
+        if not rest:
+            return f"{self._root}/{kind}"
         return f"{self._root}/{kind}/{rest.replace('/', '!')}"
 
     async def get(self, key: str, byte_range: ByteRange | None = None) -> bytes | bytearray:

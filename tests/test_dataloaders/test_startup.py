@@ -152,14 +152,20 @@ def test_reused_buffers_in_collated_batches_on_iosvc(iosvc_url: str, pooled: Non
         assert checked_images(loader, samples) == N
 
 
+@pytest.mark.parametrize("case", ["ahead", "stale", "node cache"])
 def test_a_readers_files_are_looked_up_together_on_iosvc(
-    iosvc_url: str, monkeypatch: pytest.MonkeyPatch
+    iosvc_url: str, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     """The metadata of the files of a reader's shards is asked ahead, in one call per home
-    server (up to LOOKUP_AHEAD files), not per shard, nor per file."""
+    server (up to LOOKUP_AHEAD files), not per shard, nor per file; what has aged past
+    LOOKUP_MAX_AGE when its shard is read is asked again; with the node cache (whose copies
+    need no metadata) each shard's files are asked when it is read, one call per home
+    server."""
     from iosvc.client import AsyncClient
     from iosvc.placement import Placement
 
+    if case == "stale":
+        monkeypatch.setattr(dataloaders._cache, "LOOKUP_MAX_AGE", -1.0)
     samples = make_samples(N)
     write_shards(samples, iosvc_url, shard_bytes=32 << 10)
     calls: list[tuple[str, int]] = []
@@ -172,7 +178,7 @@ def test_a_readers_files_are_looked_up_together_on_iosvc(
     async def one_by_one(self: AsyncClient, path: str) -> Any:
         raise AssertionError(f"{path} looked up on its own")
 
-    ds = StreamingDataset(iosvc_url, seed=3, node_cache=False)
+    ds = StreamingDataset(iosvc_url, seed=3, node_cache=case == "node cache")
     with monkeypatch.context() as patched:  # (the fixture's clean-up calls info)
         patched.setattr(AsyncClient, "call", counted)
         patched.setattr(AsyncClient, "info", one_by_one)
@@ -183,12 +189,18 @@ def test_a_readers_files_are_looked_up_together_on_iosvc(
     shards = [s for s in ds.manifest.shards if s.sums is not None]
     assert len(shards) == len(ds.manifest.shards) > 4
     assert 2 * len(shards) <= dataloaders._cache.LOOKUP_AHEAD
-    homes = {
-        placement.home(f"{root}/{name}") for s in shards for name in (f"{s.name}.raw", s.sums.path)
-    }
+    homes = [
+        {placement.home(f"{root}/{n}") for n in (f"{s.name}.raw", s.sums.path)} for s in shards
+    ]
     stats = [n for op, n in calls if op == "stat"]
-    assert len(stats) == len(homes) == 2
-    assert sum(stats) == 2 * len(shards)
+    if case == "ahead":
+        assert len(stats) == len(set().union(*homes)) == 2
+        assert sum(stats) == 2 * len(shards)
+    elif case == "stale":  # all asked ahead at first, then each shard's again
+        assert sum(stats) == 2 * len(shards) + 2 * (len(shards) - 1)
+    else:
+        assert len(stats) == sum(len(h) for h in homes)
+        assert sum(stats) == 2 * len(shards)
 
 
 def test_corrupted_shard_on_iosvc_is_named(iosvc_url: str, pooled: None) -> None:
