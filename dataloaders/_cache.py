@@ -37,9 +37,11 @@ __all__ = ["BufferPool", "ShardFetcher", "ShardPrefetcher"]
 POOLED_MIN = 1 << 20  # files smaller than this are read into fresh buffers
 #: Files whose metadata one lookup asks at most (the first shard's and those of the next).
 LOOKUP_AHEAD = 256
-#: Seconds metadata asked ahead stays usable: well within the servers' grace for replaced
-#: versions (5 s), so the version it names is still there to read; older, it is asked again.
-LOOKUP_MAX_AGE = 2.0
+#: Seconds metadata asked ahead stays usable; older, it is asked again, and the reader looks
+#: less far ahead. Within the servers' grace for replaced versions (5 s) the version it names
+#: is surely still there to read; a version dropped later is found missing and its shard read
+#: the plain way (the manifest's checksums catch a dataset rewritten meanwhile either way).
+LOOKUP_MAX_AGE = 4.0
 _ROUND = 4096  # pages
 
 
@@ -174,6 +176,7 @@ class ShardFetcher:
         # once, and only while young; touched by the loop thread only.
         self._infos: dict[str, tuple[Any, float]] = {}
         self._used: set[str] = set()  # names whose shard was read: never kept again
+        self._window = LOOKUP_AHEAD  # files one lookup may ask (halved when they go stale)
         self._upcoming: list[ShardEntry] = []
         self._looked_up = 0  # shards of _upcoming whose files were asked already
 
@@ -187,13 +190,18 @@ class ShardFetcher:
         names = [self.fs._strip_protocol(path) for path in paths]
         # Taken before any await, so that no other shard's lookup can change them meanwhile.
         fresh = time.monotonic() - LOOKUP_MAX_AGE
-        known = {n: got for n in names if (got := self._infos.pop(n, None)) and got[1] >= fresh}
+        taken = {n: got for n in names if (got := self._infos.pop(n, None)) is not None}
+        known = {n: got for n, got in taken.items() if got[1] >= fresh}
+        if len(known) < len(taken):
+            # Asked too early for this reader's pace: look less far ahead from now on.
+            self._window //= 2
         self._used.update(names)
         missing = [name for name in names if name not in known]
         answers: dict[str, Any] = {name: got[0] for name, got in known.items()}
         if missing:
             asking = set(missing)
-            ahead = [n for n in self._names_ahead(LOOKUP_AHEAD - len(missing)) if n not in asking]
+            room = self._window - len(missing)
+            ahead = [n for n in self._names_ahead(room) if n not in asking]
             asked = missing + ahead
             found = await client.info_many(asked)
             now = time.monotonic()
