@@ -624,3 +624,40 @@ def test_frame_reader_offers_an_emptied_buffer_whole() -> None:
 
     offered = asyncio.run(run())
     assert offered and set(offered) == {4096}
+
+
+@pytest.mark.parametrize("extra", [b"", b"\x01\x02"])
+def test_a_connection_goes_back_to_the_pool_only_when_nothing_follows_the_end(
+    extra: bytes,
+) -> None:
+    """Bytes after a read's last frame would be read as the next request's replies: such a
+    connection is closed, not pooled."""
+    from iosvc.client import _dataplane
+
+    async def run() -> tuple[list[bytes], int]:
+        mine, theirs = socket.socketpair()
+        mine.setblocking(False)
+
+        async def never(server: int) -> None:
+            return None
+
+        pool = _dataplane.DataConnections(("127.0.0.1:1",), never)
+        replies = (
+            dataplane.frame({"i": 0, "n": 3})
+            + b"abc"
+            + dataplane.frame({"end": True, "n": 0})
+            + extra
+        )
+        theirs.sendall(replies)
+        got = []
+        frames = _dataplane.read_frames(pool, 0, mine, {"chunks": []}, lambda h: None)
+        async for _, payload, _ in frames:
+            got.append(bytes(payload))
+        pooled = len(pool._idle.get(0, []))
+        pool.reset()
+        theirs.close()
+        return got, pooled
+
+    got, pooled = asyncio.run(run())
+    assert got == [b"abc"]
+    assert pooled == (0 if extra else 1)
