@@ -39,8 +39,8 @@ ThemisIO's own sockets).
 
 Every request carries the same identity or token as a gRPC call and every chunk is admitted
 by the server's scheduler in the same way, so fair shares do not depend on the transport
-(chunks read in place are admitted in runs, each one request for the bytes of its chunks:
-``IoService._answer_in_place``). Both sides read frames through a small buffer
+(chunks read in place are admitted in runs, each one request charged the bytes and an
+operation per chunk: ``IoService._answer_in_place``). Both sides read frames through a small buffer
 (:class:`FrameReader`): a run of replies, or a request's header, takes one ``recv``.
 The data port is off on servers with TLS (transfers then go through gRPC, which encrypts
 them).

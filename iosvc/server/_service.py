@@ -8,6 +8,7 @@ Holds a :class:`ChunkStore`, the :class:`Namespace` of the files it is home for,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -313,17 +314,29 @@ class IoService:
         # A client on this host (same boot id) may read chunk files in place: the server
         # still admits the chunks in policy order, then answers with where they lie.
         in_place = wire.host_id() is not None and header.get("host") == wire.host_id()
-        if in_place and self.store.keeps_files:
-            async for reply in self._answer_in_place(identity, parsed):
-                yield reply
-            return
+        replies = (
+            self._answer_in_place(identity, parsed)
+            if in_place and self.store.keeps_files
+            else self._answer_with_bytes(identity, parsed)
+        )
+        try:
+            async with contextlib.aclosing(replies):
+                async for reply in replies:
+                    yield reply
+        except NotFound as exc:
+            raise NotFound(f"{exc} (file removed or replaced during read?)") from None
+
+    async def _answer_with_bytes(
+        self, identity: JobIdentity, chunks: list[tuple[str, int, int, bool]]
+    ) -> AsyncGenerator[tuple[dict[str, Any], bytes | bytearray | memoryview], None]:
+        """Each chunk piece's bytes, in the order the gate admits them."""
         # Keep READ_AHEAD chunks of this stream queued at the gate: a stream is then
         # backlogged like a client with several requests in flight, so the policy can give
         # it its share, and the device never idles between two chunks.
         pending: deque[asyncio.Task[tuple[dict[str, Any], bytes | bytearray | memoryview]]] = (
             deque()
         )
-        todo = iter(enumerate(parsed))
+        todo = iter(enumerate(chunks))
         try:
             while True:
                 while len(pending) < READ_AHEAD and (item := next(todo, None)) is not None:
@@ -331,8 +344,6 @@ class IoService:
                 if not pending:
                     break
                 yield await pending.popleft()
-        except NotFound as exc:
-            raise NotFound(f"{exc} (file removed or replaced during read?)") from None
         finally:
             for task in pending:
                 task.cancel()
@@ -350,16 +361,13 @@ class IoService:
         most of a server's CPU per shard mapped in place). The device model still books a
         run in ``max_io`` pieces, so other jobs' requests are interleaved between them.
         """
-        try:
-            for first in range(0, len(chunks), IN_PLACE_RUN):
-                run = chunks[first : first + IN_PLACE_RUN]
-                async with self.gate.admit(identity, sum(c[2] for c in run), len(run)):
-                    paths = [self.store.local_path(c[0]) for c in run]
-                self.in_place_reads += len(run)
-                for i, path in enumerate(paths, first):
-                    yield {"i": i, "path": path}, b""
-        except NotFound as exc:
-            raise NotFound(f"{exc} (file removed or replaced during read?)") from None
+        for first in range(0, len(chunks), IN_PLACE_RUN):
+            run = chunks[first : first + IN_PLACE_RUN]
+            async with self.gate.admit(identity, sum(c[2] for c in run), len(run)):
+                paths = [self.store.local_path(c[0]) for c in run]
+            self.in_place_reads += len(run)
+            for i, path in enumerate(paths, first):
+                yield {"i": i, "path": path}, b""
 
     async def _read_one(
         self, identity: JobIdentity, i: int, chunk: tuple[str, int, int, bool]
