@@ -92,9 +92,11 @@ _clients: weakref.WeakSet[AsyncClient] = weakref.WeakSet()
 
 
 class _Read(NamedTuple):
-    """One version read by a fetch: where its pieces go."""
+    """One version's range read by a fetch, and where its pieces go."""
 
     info: FileInfo
+    start: int  # negative: from the end
+    end: int | None  # None: to the end; negative: from the end
     sink: Callable[[int, memoryview], None]  # (offset, payload) of pieces not put in target
     target: memoryview | MappedFile | None  # received, read or mapped into straight
 
@@ -645,7 +647,7 @@ class AsyncClient:
         corrupt chunk) is every file's.
         """
         outs: list[MappedFile | memoryview] = []
-        reads: list[tuple[FileInfo, int, int, Callable[[int, memoryview], None], Any]] = []
+        reads: list[_Read] = []
         for info in infos:
             size = info["size"]
             mapped = None
@@ -653,11 +655,11 @@ class AsyncClient:
                 mapped = await self._map_target(info)
             if mapped is not None:
                 outs.append(mapped)
-                reads.append((info, 0, size, mapped.copy, mapped))
+                reads.append(_Read(info, 0, size, mapped.copy, mapped))
                 continue
             view = memoryview(buffer(size))[:size]
             outs.append(view)
-            reads.append((info, 0, size, _copier(view), view))
+            reads.append(_Read(info, 0, size, _copier(view), view))
         try:
             await self._fetch_many(reads, verify=verify)
         except NotFound as exc:
@@ -699,25 +701,20 @@ class AsyncClient:
         cannot read that way (removed meanwhile, no permission) is fetched again the
         ordinary way; ``IOSVC_READ_IN_PLACE=0`` turns reading in place off.
         """
-        await self._fetch_many([(info, start, end, sink, target)], verify=verify)
+        await self._fetch_many([_Read(info, start, end, sink, target)], verify=verify)
 
-    async def _fetch_many(
-        self,
-        reads: Sequence[tuple[FileInfo, int, int | None, Callable[[int, memoryview], None], Any]],
-        *,
-        verify: bool = True,
-    ) -> None:
-        """:meth:`_fetch` for several ``(info, start, end, sink, target)`` at once: one
-        stream per server for the pieces of all of them."""
+    async def _fetch_many(self, reads: Sequence[_Read], *, verify: bool = True) -> None:
+        """:meth:`_fetch` for several reads at once: one stream per server for the pieces
+        of all of them."""
         plans: dict[int, list[_Piece]] = defaultdict(list)
-        for info, start, end, sink, target in reads:
+        for job in reads:
+            info, start, end = job.info, job.start, job.end
             size = info["size"]
             if start < 0:
                 start = max(0, size + start)
             end = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
             if start >= end:
                 continue
-            job = _Read(info, sink, target)
             home = self.placement.home(info["name"])
             cs = info["chunk_size"]
             version = info["version"]
