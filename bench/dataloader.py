@@ -23,6 +23,12 @@ shards received into private memory and batches in PyTorch's fresh shared memory
 before the slot files and batch arenas of ``dataloaders/_slots.py`` and ``_arena.py``),
 ``iosvc-remote-dir`` (the same on 2 servers with a ``--dir`` store on tmpfs, DRAM: the
 client reads the chunk files in place, as it does from any server on its own host),
+``tcp-ceiling`` and ``fill-ceiling`` (not loaders: the ``iosvc-local`` epoch while two
+plain processes move the dataset's bytes through loopback TCP beside it, from memory out of
+cache into a reused 64 MiB buffer, or, for ``fill-ceiling``, into fresh tmpfs files as a
+node cache's filling epoch must; the epoch ends when both have: ``_Wire``. On these 2
+cores, where the servers share the reader's cores, no transport over TCP can do that work
+for free, so these bound what ``iosvc-remote`` and the filling epoch can reach here),
 ``files`` (one file per sample, map-style Dataset), ``webdataset`` (tar shards),
 ``mosaicml-streaming`` (MDS) and ``litdata``. Each system writes the data its own way, then
 is read for one shuffled epoch in a fresh process by ``DataLoader(batch_size=256,
@@ -60,11 +66,14 @@ import contextlib
 import functools
 import gc
 import json
+import mmap
 import os
 import platform
 import resource
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -84,6 +93,8 @@ SYSTEMS = [
     "iosvc-remote-grpc",
     "iosvc-remote-private",
     "iosvc-remote-dir",
+    "tcp-ceiling",
+    "fill-ceiling",
     "files",
     "webdataset",
     "mosaicml-streaming",
@@ -96,7 +107,10 @@ REMOTE = {
     "iosvc-remote-private",
     "iosvc-remote-dir",
 }
+#: Not loaders: the local epoch with a remote read's unavoidable work beside it (_Wire).
+CEILINGS = {"tcp-ceiling", "fill-ceiling"}
 PEERS = {"mosaicml-streaming", "litdata"}  # run in the peer venv
+OTHER_PEERS = {"webdataset", "files"}  # run in this venv
 DATASETS = ["images", "arrays"]
 BATCH = 256
 WORKERS = 2
@@ -302,7 +316,7 @@ def _litdata_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def make_loader(system: str, dataset: str, location: str) -> Any:
     import torch.utils.data
 
-    if system.startswith("iosvc-"):
+    if system.startswith("iosvc-") or system in CEILINGS:
         import dataloaders
 
         # The node cache only where measured: elsewhere each epoch reads its source afresh.
@@ -401,10 +415,13 @@ def read_epoch(
     # a system-dependent debt of objects a full collection has yet to walk (0.1-0.2 s with
     # torch loaded), which otherwise lands inside one system's timed start-up and not
     # another's, depending only on how much its own import allocated.
+    wire = _Wire(du(Path(location)), fill=system == "fill-ceiling") if system in CEILINGS else None
     gc.collect()
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
+    if wire is not None:
+        wire.go()
     loader = make_loader(system, dataset, location)
     first = None
     samples = 0
@@ -424,6 +441,11 @@ def read_epoch(
         else:
             nbytes += int(batch["x"].numel()) * 4
     seconds = time.perf_counter() - t0
+    extra: dict[str, Any] = {}
+    if wire is not None:  # a remote epoch has not ended before its bytes have arrived
+        extra["wire_s"] = wire.wait()
+        extra["epoch_alone_s"] = seconds
+        seconds = max(seconds, extra["wire_s"])
     stop.set()
     sampler.join()
     # CPU time of the reader and its (joined) workers: robust when other jobs share the cores.
@@ -441,7 +463,96 @@ def read_epoch(
         # The epoch without its start-up: samples after the first batch, per second since.
         "after_first_samples_per_s": (samples - first_samples) / (seconds - (first or 0.0)),
         "peak_rss_bytes": peak[0],
+        **extra,
     }
+
+
+class _Wire:
+    """What a remote epoch must do beside the local one, and nothing else: ``nbytes`` sent by
+    one process and received by another over loopback TCP (plain blocking sockets, 1 MiB
+    sends from 256 MiB of memory out of cache, 4 MiB socket buffers as
+    ``iosvc.dataplane.tune_socket`` sets), received into a reused 64 MiB buffer or, with
+    ``fill``, into fresh 64 MiB tmpfs files as a node cache's filling epoch must.
+
+    Both processes are ready (memory touched, connected) when the constructor returns, and
+    start at :meth:`go`.
+    """
+
+    def __init__(self, nbytes: int, *, fill: bool) -> None:
+        self.nbytes = nbytes
+        self._start = 0.0
+        into = tempfile.mkdtemp(prefix="bench-wire-", dir="/dev/shm") if fill else None
+        self._into = into
+        listener = socket.create_server(("127.0.0.1", 0))
+        go_r, self._go = os.pipe()
+        self._done, done_w = os.pipe()
+        self._pids = [self._fork(self._send, listener.getsockname(), go_r)]
+        conn, _ = listener.accept()
+        listener.close()
+        self._pids.append(self._fork(self._receive, conn, done_w))
+        conn.close()
+        os.close(go_r)
+        os.close(done_w)
+
+    @staticmethod
+    def _fork(target: Callable[..., None], *args: Any) -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                target(*args)
+            finally:
+                os._exit(0)
+        return pid
+
+    def _send(self, address: tuple[str, int], go: int) -> None:
+        source = memoryview(os.urandom(1 << 20) * 256)
+        sock = socket.create_connection(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        os.read(go, 1)
+        sent = 0
+        while sent < self.nbytes:
+            at = sent % len(source)
+            part = source[at : at + min(1 << 20, self.nbytes - sent)]
+            sock.sendall(part)
+            sent += len(part)
+        sock.close()
+
+    def _receive(self, sock: socket.socket, done: int) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        reused = memoryview(bytearray(64 << 20))
+        reused[::4096] = b"x" * len(reused[::4096])  # touched: not fresh memory
+        got = 0
+        while got < self.nbytes:
+            size = min(64 << 20, self.nbytes - got)
+            if self._into is None:
+                target = reused[:size]
+            else:  # a fresh file of the size the node cache would hold
+                with open(os.path.join(self._into, str(got)), "w+b") as f:
+                    f.truncate(size)
+                    target = memoryview(mmap.mmap(f.fileno(), size))
+            view = target
+            while view:
+                n = sock.recv_into(view)
+                if n == 0:
+                    raise ConnectionError("sender closed early")
+                view = view[n:]
+            got += size
+        os.write(done, struct.pack("<d", time.clock_gettime(time.CLOCK_MONOTONIC)))
+
+    def go(self) -> None:
+        self._start = time.clock_gettime(time.CLOCK_MONOTONIC)
+        os.write(self._go, b"x")
+
+    def wait(self) -> float:
+        """Seconds from :meth:`go` until the receiver had every byte; cleans up."""
+        (end,) = struct.unpack("<d", os.read(self._done, 8))
+        for pid in self._pids:
+            os.waitpid(pid, 0)
+        os.close(self._go)
+        os.close(self._done)
+        if self._into is not None:
+            shutil.rmtree(self._into, ignore_errors=True)
+        return float(end - self._start)
 
 
 # ------------------------------------------------------------------------- orchestration
@@ -619,9 +730,16 @@ def main() -> None:
                         print(f"{dataset:7} {system:19} {peer_error}", flush=True)
                         continue
                     python = peer_python
+                if system in CEILINGS and local_copy is None:  # they read iosvc-local's copy
+                    cell["error"] = "not run: needs iosvc-local's copy (run iosvc-local too)"
+                    results[dataset][system] = cell
+                    print(f"{dataset:7} {system:19} {cell['error']}", flush=True)
+                    continue
                 location = (
                     f"iosvc://bench/{dataset}/{system}"
                     if system in REMOTE
+                    else str(local_copy)
+                    if system in CEILINGS
                     else str(work / dataset / system)
                 )
                 env_of = {
@@ -631,13 +749,19 @@ def main() -> None:
                     "iosvc-local-private": env_private,
                 }.get(system, env)
                 try:
-                    t = time.perf_counter()
-                    written = _run_child(
-                        python, ["write", system, dataset, str(n), location], env_of, timeout=3600
-                    )
-                    cell["write_s"] = time.perf_counter() - t
-                    cell["bytes_on_disk"] = written["bytes_on_disk"]
-                    subprocess.run(["sync"], check=False)
+                    if system in CEILINGS:
+                        cell["bytes_on_disk"] = du(Path(location))
+                    else:
+                        t = time.perf_counter()
+                        written = _run_child(
+                            python,
+                            ["write", system, dataset, str(n), location],
+                            env_of,
+                            timeout=3600,
+                        )
+                        cell["write_s"] = time.perf_counter() - t
+                        cell["bytes_on_disk"] = written["bytes_on_disk"]
+                        subprocess.run(["sync"], check=False)
                     if system == "iosvc-remote-cached":
                         # A fresh node cache, filled by one epoch (the first epoch of a
                         # run on a node), then the measured epochs read it.
@@ -653,7 +777,7 @@ def main() -> None:
                     # iosvc:// epoch right after an iosvc-local one (same buffer directory):
                     # the ratio of each such pair is taken in the same seconds, so the
                     # drift of the machine's speed between cells cancels out.
-                    paired = system in REMOTE and local_copy is not None
+                    paired = (system in REMOTE or system in CEILINGS) and local_copy is not None
                     runs, local_runs = [], []
                     for _ in range(args.repeats):
                         if paired:
@@ -713,6 +837,8 @@ def main() -> None:
                 print(_row(dataset, system, cell), flush=True)
                 if system == "iosvc-local" and cell.get("samples_per_s"):
                     local_copy = work / dataset / system  # kept: the pairs' baseline
+                elif system in CEILINGS:
+                    pass  # it read iosvc-local's copy
                 elif system not in REMOTE:
                     shutil.rmtree(work / dataset / system, ignore_errors=True)
                 else:  # the DRAM stores hold one copy at a time (6 GiB for 4 copies of 2 GB)
@@ -765,7 +891,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], n_by_dataset: dict[str,
     ]
     for dataset, cells in results.items():
         ok = {s: c for s, c in cells.items() if c.get("samples_per_s")}
-        peers = [c["samples_per_s"] for s, c in ok.items() if not s.startswith("iosvc")]
+        peers = [c["samples_per_s"] for s, c in ok.items() if s in PEERS | OTHER_PEERS]
         best_peer = max(peers) if peers else None
         local = ok.get("iosvc-local", {}).get("samples_per_s")
         for system, cell in cells.items():
@@ -774,7 +900,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], n_by_dataset: dict[str,
                 row += f"  {local / best_peer:.2f}x best peer"
             if (
                 system != "iosvc-local"
-                and system.startswith("iosvc")
+                and (system.startswith("iosvc") or system in CEILINGS)
                 and local
                 and cell.get("samples_per_s")
             ):
