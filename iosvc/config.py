@@ -51,6 +51,13 @@ class ClusterSpec:
         Human description of the storage (``memory 1 GiB`` / ``dir /path``).
     secure
         Whether servers require signed job tokens.
+    endpoints
+        Each server's ``endpoints`` answer when the file was written (its data port, process
+        instance and in-place host), or empty: a client then reads without a gRPC call
+        first (metadata and chunks alike go over the data ports, see
+        :mod:`iosvc.dataplane`), so a process may fork DataLoader workers after reading. A
+        stale entry (the server restarted) is noticed at the data port's ``hello`` and asked
+        of the server again.
     """
 
     servers: tuple[str, ...]
@@ -58,6 +65,7 @@ class ClusterSpec:
     pids: tuple[int, ...] = ()
     storage: str = ""
     secure: bool = False
+    endpoints: tuple[dict[str, Any], ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +77,11 @@ class ClusterSpec:
                 raise InvalidArgument(f"server address must be host:port, got {address!r}")
         if not 4096 <= self.chunk_size <= 16 * 1024 * 1024:
             raise InvalidArgument("chunk_size must be between 4 KiB and 16 MiB")
+        if self.endpoints and (
+            len(self.endpoints) != len(self.servers)
+            or not all(isinstance(e, dict) for e in self.endpoints)
+        ):
+            raise InvalidArgument("endpoints must list one object per server")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> ClusterSpec:
@@ -90,13 +103,17 @@ class ClusterSpec:
         """Build from the JSON form; unknown keys are kept in ``extra``."""
         if not isinstance(data, dict) or "servers" not in data:
             raise InvalidArgument("cluster file must be an object with a 'servers' list")
-        known = {"servers", "chunk_size", "pids", "storage", "secure"}
+        known = {"servers", "chunk_size", "pids", "storage", "secure", "endpoints"}
+        endpoints = data.get("endpoints", ())
+        if not isinstance(endpoints, list | tuple):
+            raise InvalidArgument("endpoints must list one object per server")
         return cls(
             servers=tuple(data["servers"]),
             chunk_size=int(data.get("chunk_size", DEFAULT_CHUNK_SIZE)),
             pids=tuple(data.get("pids", ())),
             storage=str(data.get("storage", "")),
             secure=bool(data.get("secure", False)),
+            endpoints=tuple(endpoints),
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -104,6 +121,9 @@ class ClusterSpec:
         data = asdict(self)
         data["servers"] = list(self.servers)
         data["pids"] = list(self.pids)
+        data["endpoints"] = list(self.endpoints)
+        if not self.endpoints:
+            del data["endpoints"]
         extra = data.pop("extra")
         data.update(extra)
         return data

@@ -16,9 +16,20 @@ says ``"n": n``::
               sent together, a run of them per send)
       last    {"end": true, "n": 0}   or   {"error": name, "msg": ..., "n": 0}
 
+    call      {"op": "call", "call": {"op": ..., <identity>, ...}}   a read's metadata
+              operation (one of ``CALLS``: ``stat``, ``ls``, ``read_small``, ``endpoints``)
+      reply   {"end": true, "n": n} + n bytes: the operation's reply frame, as gRPC's
+              ``Call`` returns it (``iosvc.wire.pack``), or an error frame
+
     write     {"op": "write", "key": ..., "ck": xxh3, "n": n, <identity>} + n bytes, repeated
     flush     {"op": "flush"}
       reply   {"end": true, "n": 0, "chunks": c, "bytes": b[, "failed": [name, msg]]}
+
+A reader thus needs no gRPC at all when the cluster file lists the servers' ``endpoints``
+(``iosvc.config.ClusterSpec``): a DataLoader worker starts without a gRPC channel (each
+cost a worker ~5 ms of CPU and a first call of 5-13 ms), and a process that has only read
+may still fork (gRPC's core does not survive ``fork``). Writes, listings of every server and
+admin operations stay on gRPC.
 
 A write segment (its chunks up to the ``flush``) is what a gRPC ``WriteChunks`` call is: after
 a failed chunk the server reads and drops the rest of the segment, and its reply names the
@@ -60,6 +71,7 @@ from iosvc.errors import ERROR_BY_NAME, InvalidArgument, IosvcError
 from iosvc.wire import MAX_CHUNK_SIZE, MAX_HEADER_SIZE
 
 __all__ = [
+    "CALLS",
     "MAX_DATA_HEADER",
     "FrameError",
     "FrameReader",
@@ -78,6 +90,8 @@ _LEN = struct.Struct("<I")
 MAX_DATA_HEADER = MAX_HEADER_SIZE
 #: Largest payload of one reply frame.
 MAX_PAYLOAD = MAX_CHUNK_SIZE
+#: Operations a data port answers besides chunk reads and writes: what a reader needs.
+CALLS = frozenset({"stat", "ls", "read_small", "endpoints"})
 #: Socket buffers: a few chunks in flight per connection without waking the reader per
 #: segment (the kernel caps them at net.core.[rw]mem_max).
 _SOCKET_BUFFER = 4 * 1024 * 1024

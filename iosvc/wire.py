@@ -119,7 +119,7 @@ def pack(header: dict[str, Any], payload: bytes | bytearray | memoryview = b"") 
     return b"".join((_LEN.pack(len(head)), head, payload))
 
 
-def unpack(frame: bytes) -> tuple[dict[str, Any], memoryview]:
+def unpack(frame: bytes | bytearray) -> tuple[dict[str, Any], memoryview]:
     """Split a frame into (header, payload view); ``InvalidArgument`` if malformed."""
     if not isinstance(frame, bytes | bytearray | memoryview):
         raise InvalidArgument("frame must be bytes")

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, TypeVar
 import grpc
 import xxhash
 
-from iosvc import wire
+from iosvc import dataplane, wire
 from iosvc._malloc import tune_client_malloc
 from iosvc.client import _dataplane, _pull
 from iosvc.client._mapped import MappedFile, can_map
@@ -248,6 +248,12 @@ class AsyncClient:
             self.spec.servers, self._ask_data_port, connect_timeout=min(timeout, 10.0)
         )
         self._use_data_plane = self.tls_ca is None and _dataplane.enabled()
+        # Endpoints the cluster file lists: no gRPC call before the first read (a stale
+        # one fails its hello, and the server is asked then).
+        for server, reply in enumerate(self.spec.endpoints):
+            endpoint = self._take_endpoints(server, reply)
+            if endpoint is not None:
+                self._data.know(server, endpoint)
         _clients.add(self)
         # Keep gRPC's per-message buffers in the heap: without it every chunk lands in
         # fresh pages, and a large read spent more CPU in page faults than in copying.
@@ -313,13 +319,38 @@ class AsyncClient:
     async def call(
         self, server: int, header: dict[str, Any], payload: bytes | memoryview = b""
     ) -> tuple[dict[str, Any], memoryview]:
-        """One ``Call`` to ``server``; returns (reply header, reply payload)."""
+        """One ``Call`` to ``server``; returns (reply header, reply payload).
+
+        A read's metadata operations (``dataplane.CALLS``) go over the server's data port
+        when its port is known: a reader then never starts gRPC (see
+        :mod:`iosvc.dataplane`)."""
+        if (
+            self._use_data_plane
+            and not payload
+            and header.get("op") in dataplane.CALLS
+            and self._data.known(server)
+        ):
+            return await self._call_data_port(server, header)
         frame = wire.pack({**header, **self._auth}, payload)
         method = self._channel(server).unary_unary(wire.METHOD_CALL)
 
         async def attempt() -> bytes:
             reply: bytes = await method(frame, timeout=self.timeout)
             return reply
+
+        return wire.unpack(await self._retry(server, attempt))
+
+    async def _call_data_port(
+        self, server: int, header: dict[str, Any]
+    ) -> tuple[dict[str, Any], memoryview]:
+        request = {**header, **self._auth}
+
+        async def attempt() -> bytearray:
+            async with asyncio.timeout(self.timeout):
+                sock = await self._data.acquire(server)
+                if sock is None:  # (the port is known: acquire asks for none)
+                    raise dataplane.FrameError(f"server {server} has no data port")
+                return await _dataplane.call(self._data, server, sock, request)
 
         return wire.unpack(await self._retry(server, attempt))
 
@@ -330,6 +361,11 @@ class AsyncClient:
             reply, _ = await self.call(server, {"op": "endpoints"})
         except InvalidArgument:  # a server older than the data plane
             return None
+        return self._take_endpoints(server, reply)
+
+    def _take_endpoints(self, server: int, reply: dict[str, Any]) -> tuple[int, str] | None:
+        """The data port and instance of an ``endpoints`` answer (asked, or listed in the
+        cluster file); notes whether the server's chunks can be read in place from here."""
         if "in_place_host" in reply:  # (older servers do not say: learnt from their reads)
             shares = reply["in_place_host"] is not None and reply["in_place_host"] == wire.host_id()
             self._note_in_place(server, shares)

@@ -14,8 +14,9 @@ from typing import Any
 
 from iosvc import dataplane
 from iosvc.errors import DataCorruption, InvalidArgument, IosvcError
+from iosvc.wire import MAX_MESSAGE_SIZE
 
-__all__ = ["DataConnections", "read_frames", "write_segment"]
+__all__ = ["DataConnections", "call", "read_frames", "write_segment"]
 
 #: Idle connections kept per server (one per concurrent read stream is enough).
 _KEEP_PER_SERVER = 8
@@ -59,6 +60,14 @@ class DataConnections:
         self._idle: dict[int, list[int]] = {}
         self._finalizer = weakref.finalize(self, _close_all, self._idle)
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def know(self, server: int, endpoint: tuple[int, str]) -> None:
+        """Take ``server``'s data port and instance as known (from the cluster file)."""
+        self._ports[server] = endpoint
+
+    def known(self, server: int) -> bool:
+        """Whether ``server``'s data port is known (a connection needs no question first)."""
+        return self._ports.get(server) is not None
 
     async def port(self, server: int) -> tuple[int, str] | None:
         """The server's data port and instance (asked once, until a connection fails;
@@ -249,6 +258,32 @@ async def read_frames(
             assert view is not None
             await reader.into(view)
             yield header, view, direct
+
+
+async def call(
+    connections: DataConnections, server: int, sock: socket.socket, request: dict[str, Any]
+) -> bytearray:
+    """Send one of a read's metadata operations (``dataplane.CALLS``) on ``sock``; return
+    the server's reply frame (as a gRPC ``Call`` returns it: ``iosvc.wire.unpack`` it). An
+    error frame raises its :class:`~iosvc.errors.IosvcError`; the connection goes back to
+    the pool as in :func:`read_frames`."""
+    loop = asyncio.get_running_loop()
+    with _Lease(connections, server, sock) as lease:
+        await loop.sock_sendall(sock, dataplane.frame({"op": "call", "call": request}))
+        reader = dataplane.FrameReader(loop, sock)
+        header = await reader.header()
+        size = header.get("n", 0)
+        if not isinstance(size, int) or not 0 <= size <= MAX_MESSAGE_SIZE:
+            raise DataCorruption(f"data port sent a reply length of {size!r}")
+        if "error" in header:
+            lease.clean = size == 0 and not reader.buffered
+            raise dataplane.error_from_frame(header, f"server {connections.servers[server]}")
+        if not header.get("end"):
+            raise InvalidArgument(f"data port answered a call with {header!r}")
+        reply = bytearray(size)
+        await reader.into(memoryview(reply))
+        lease.clean = not reader.buffered
+        return reply
 
 
 async def write_segment(

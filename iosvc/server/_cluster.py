@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -150,13 +153,15 @@ class LocalCluster:
                 start_new_session=True,  # `iosvc down` and Ctrl-C of the shell are separate
             )
 
-    def _wait_ready(self, index: int) -> str:
+    def _wait_ready(self, index: int) -> tuple[str, dict[str, Any]]:
+        """The server's address and its ``endpoints`` (ready file: address, pid, endpoints)."""
         deadline = time.monotonic() + self.startup_timeout
         ready = self._ready_file(index)
         proc = self.procs[index]
         while time.monotonic() < deadline:
             if ready.exists():
-                return ready.read_text().split()[0]
+                address, _, endpoints = ready.read_text().splitlines()[:3]
+                return address, json.loads(endpoints)
             if proc is not None and proc.poll() is not None:
                 log = (self.workdir / f"server-{index}.log").read_text(errors="replace")[-2000:]
                 raise Unavailable(f"server {index} exited with {proc.returncode} at start:\n{log}")
@@ -169,7 +174,8 @@ class LocalCluster:
             self._make_keys()
         try:
             self.procs = [self._spawn(i, 0, None) for i in range(self.n_servers)]
-            self.addresses = [self._wait_ready(i) for i in range(self.n_servers)]
+            ready = [self._wait_ready(i) for i in range(self.n_servers)]
+            self.addresses = [address for address, _ in ready]
             for i, address in enumerate(self.addresses):
                 header = {"op": "configure", "index": i, "peers": self.addresses}
                 _call(address, header, self._admin_token, self.tls_ca)
@@ -186,6 +192,7 @@ class LocalCluster:
             pids=tuple(p.pid for p in self.procs if p is not None),
             storage=storage,
             secure=self.secure,
+            endpoints=tuple(endpoints for _, endpoints in ready),
             extra={"workdir": str(self.workdir)}
             | ({"tls_ca": self.tls_ca} if self.tls_ca else {})
             | (
@@ -223,7 +230,14 @@ class LocalCluster:
             raise RuntimeError(f"server {index} is still running")
         port = int(self.addresses[index].rpartition(":")[2])
         self.procs[index] = self._spawn(index, port, self.addresses)
-        self._wait_ready(index)
+        _, endpoints = self._wait_ready(index)
+        if self.spec is not None and self.spec.endpoints:
+            # A new data port and instance: clients made from here on need no lookup.
+            changed = list(self.spec.endpoints)
+            changed[index] = endpoints
+            self.spec = dataclasses.replace(self.spec, endpoints=tuple(changed))
+            if self.cluster_file is not None:
+                self.spec.save(self.cluster_file)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM every server (graceful), SIGKILL what is left after ``timeout``."""

@@ -145,6 +145,8 @@ class DataPlaneServer:
                         idle = IDLE_CLOSE
                     elif op == "hello":
                         await self._hello(conn, header)
+                    elif op == "call":
+                        await self._call(conn, header)
                     else:
                         await self._answer(conn, header)
                 except InvalidArgument as exc:
@@ -184,6 +186,29 @@ class DataPlaneServer:
             await self._send(conn, dataplane.error_frame(error))
             raise _PeerGone  # close: the client asks for the port again
         await self._send(conn, dataplane.frame({"end": True, "n": 0}))
+
+    async def _call(self, conn: socket.socket, header: dict[str, Any]) -> None:
+        """A read's metadata operation (``dataplane.CALLS``), answered as over gRPC: its
+        reply frame (``wire.pack``) is the payload of one ``end`` frame."""
+        try:
+            call = header.get("call")
+            if not isinstance(call, dict):
+                raise InvalidArgument("a data-port call needs a 'call' map")
+            if call.get("op") not in dataplane.CALLS:
+                raise InvalidArgument(
+                    f"operation {call.get('op')!r} is not served on the data port "
+                    f"(only {sorted(dataplane.CALLS)}; the others over gRPC)"
+                )
+            reply = await self.service.call(call, memoryview(b""))
+        except IosvcError as exc:
+            await self._send(conn, dataplane.error_frame(exc))
+            return
+        except Exception as exc:
+            log.exception("internal error on the data port", exc_info=exc)
+            error = InternalError(f"internal server error: {type(exc).__name__}: {exc}")
+            await self._send(conn, dataplane.error_frame(error))
+            return
+        await self._send(conn, dataplane.frame({"end": True, "n": len(reply)}), reply)
 
     async def _answer(self, conn: socket.socket, header: dict[str, Any]) -> None:
         error: IosvcError | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -144,7 +145,8 @@ async def serve(options: ServerOptions) -> None:
         log.info("data port %s", service.data_plane.port)
     if options.ready_file:
         tmp = Path(options.ready_file + ".tmp")
-        tmp.write_text(f"{address}\n{os.getpid()}\n")
+        # The endpoints go into the cluster file: readers then need no gRPC call first.
+        tmp.write_text(f"{address}\n{os.getpid()}\n{json.dumps(service.endpoints())}\n")
         os.replace(tmp, options.ready_file)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -200,10 +202,13 @@ async def _write_cluster_file(service: IoService, options: ServerOptions) -> Non
     """
     assert options.cluster_file is not None
     waiting = set(range(len(service.peers))) - {0}
+    endpoints: dict[int, dict[str, Any]] = {0: service.endpoints()}
     started = time.monotonic()
     while waiting:
         for peer in sorted(waiting):
-            if await service._peer_call(peer, {"op": "status"}) is not None:
+            reply = await service._peer_call(peer, {"op": "endpoints"})
+            if reply is not None:
+                endpoints[peer] = reply
                 waiting.discard(peer)
         if waiting:
             if time.monotonic() - started > 300:
@@ -215,7 +220,11 @@ async def _write_cluster_file(service: IoService, options: ServerOptions) -> Non
     if options.tls_cert:
         extra["tls_ca"] = options.tls_ca or options.tls_cert
     spec = ClusterSpec(
-        servers=tuple(service.peers), storage=storage, secure=service.auth.secure, extra=extra
+        servers=tuple(service.peers),
+        storage=storage,
+        secure=service.auth.secure,
+        endpoints=tuple(endpoints[i] for i in range(len(service.peers))),
+        extra=extra,
     )
     spec.save(options.cluster_file)
     log.info("all %d servers up; wrote %s", len(service.peers), options.cluster_file)

@@ -262,18 +262,22 @@ class IoService:
             trailing_metadata=((wire.ERROR_METADATA_KEY, type(exc).__name__),),
         )
 
+    async def call(self, header: dict[str, Any], payload: memoryview) -> bytes:
+        """Answer one operation (a gRPC ``Call``, or a read's on the data port): the reply
+        frame (:func:`iosvc.wire.pack`); raises what the operation raises."""
+        op = header.get("op")
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise InvalidArgument(f"unknown operation {op!r}; known: {sorted(self._ops)}")
+        caller = self.auth.caller(header)
+        if op in ADMIN_OPS:
+            self.auth.require_admin(caller, f"'{op}'")
+        reply, body = await handler(header, payload, caller)
+        return wire.pack(reply, body or b"")
+
     async def _call(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            header, payload = wire.unpack(request)
-            op = header.get("op")
-            handler = self._ops.get(op) if isinstance(op, str) else None
-            if handler is None:
-                raise InvalidArgument(f"unknown operation {op!r}; known: {sorted(self._ops)}")
-            caller = self.auth.caller(header)
-            if op in ADMIN_OPS:
-                self.auth.require_admin(caller, f"'{op}'")
-            reply, body = await handler(header, payload, caller)
-            return wire.pack(reply, body or b"")
+            return await self.call(*wire.unpack(request))
         except Exception as exc:
             await self._abort(context, exc)
             raise AssertionError("unreachable") from None
@@ -742,13 +746,17 @@ class IoService:
     async def _op_endpoints(
         self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
+        return self.endpoints(), None
+
+    def endpoints(self) -> dict[str, Any]:
         """Where else this server listens: the data port for bulk transfers (None: off),
         this process's instance id, which data connections name in their ``hello``, and
         the host a client must share to read chunks in place (None: this store keeps none
-        in files), so a client knows before its first read whether mapping can work."""
+        in files), so a client knows before its first read whether mapping can work.
+        Cluster files list them too (:attr:`iosvc.config.ClusterSpec.endpoints`)."""
         port = self.data_plane.port if self.data_plane is not None else None
         in_place = wire.host_id() if self.store.keeps_files else None
-        return {"data_port": port, "instance": self.instance, "in_place_host": in_place}, None
+        return {"data_port": port, "instance": self.instance, "in_place_host": in_place}
 
     async def _op_configure(
         self, header: dict[str, Any], payload: memoryview, who: Caller

@@ -59,7 +59,20 @@ def test_epoch_is_complete_on_iosvc(iosvc_dataset: str, workers: int) -> None:
         assert loader.multiprocessing_context.get_start_method() == "forkserver"
 
 
-def test_plain_fork_after_grpc_fails_with_the_rule(iosvc_dataset: str) -> None:
+def test_plain_fork_after_grpc_reads_over_the_data_ports(iosvc_dataset: str) -> None:
+    # This process used gRPC (it wrote the shards), but readers need none: the cluster file
+    # lists the servers' data ports, which carry the metadata and the chunks.
+    ds = StreamingDataset(iosvc_dataset, batch_size=BATCH)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=BATCH, num_workers=2, multiprocessing_context="fork"
+    )
+    assert sorted(ids_of(loader)) == list(range(N))
+
+
+def test_plain_fork_after_grpc_fails_with_the_rule_when_reads_need_grpc(
+    iosvc_dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IOSVC_DATA_PLANE", "0")  # every read through gRPC
     ds = StreamingDataset(iosvc_dataset, batch_size=BATCH)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=BATCH, num_workers=1, multiprocessing_context="fork"
