@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -400,12 +401,15 @@ url = "iosvc:///{prefix}/x"
 print(iosvc.client.fork_safe(), grpc_used_before_fork(url))
 client = iosvc.client.Client(ClusterSpec.from_dict({spec.to_dict()!r}))
 print(iosvc.client.fork_safe(), grpc_used_before_fork(url))
+client.read("{prefix}/read")  # over the data ports: no gRPC
+print(iosvc.client.fork_safe(), grpc_used_before_fork(url))
 client.write("{prefix}/x", b"x")
 print(iosvc.client.fork_safe(), grpc_used_before_fork(url), grpc_used_before_fork("/tmp/x"))
 """
+    Client(spec).write(f"{prefix}/read", b"r")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     lines = out.stdout.splitlines()
-    assert lines == ["True False", "True False", "False True False"], out.stderr
+    assert lines == ["True False", "True False", "True False", "False True False"], out.stderr
 
 
 def test_fork_after_grpc_use_fails_clearly_instead_of_hanging(client: Client, prefix: str) -> None:
@@ -415,3 +419,24 @@ def test_fork_after_grpc_use_fails_clearly_instead_of_hanging(client: Client, pr
     got = _in_forked_child(client, prefix)
     assert isinstance(got, ForkedAfterGrpc) and "forkserver" in str(got)
     assert client.read(f"{prefix}/parent") == b"from parent"  # the parent still works
+
+
+def test_cluster_files_round_trip_and_bad_ones_are_named(tmp_path: Path) -> None:
+    endpoints = ({"data_port": 4001, "instance": "a", "in_place_host": None},) * 2
+    spec = ClusterSpec(servers=("h:1", "h:2"), endpoints=endpoints, extra={"workdir": "/w"})
+    assert ClusterSpec.load(spec.save(tmp_path / "c.json")) == spec
+    assert "endpoints" not in ClusterSpec(servers=("h:1",)).to_dict()  # as older files
+    with pytest.raises(NotFound, match="iosvc up"):
+        ClusterSpec.load(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        ClusterSpec.load(tmp_path / "bad.json")
+    for data in (
+        {"servers": ["h:1", "h:2"], "endpoints": [{}]},  # one per server
+        {"servers": ["h:1"], "endpoints": [7]},
+        {"servers": ["h:1"], "endpoints": {"data_port": 1}},
+        {"servers": ["h"]},
+        {},
+    ):
+        with pytest.raises(InvalidArgument):
+            ClusterSpec.from_dict(data)

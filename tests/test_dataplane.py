@@ -7,6 +7,8 @@ import dataclasses
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iosvc import dataplane
+from iosvc import dataplane, wire
 from iosvc.client import AsyncClient, Client
 from iosvc.config import ClusterSpec
 from iosvc.errors import DataCorruption, InvalidArgument
@@ -172,6 +174,12 @@ def test_a_read_request_streams_pieces_then_end(
         {"op": "read", "id": ID, "chunks": [["c/0/abc/0", -1, 10, False]]},
         {"op": "read", "id": ID, "chunks": [["c/0/abc/0", 0, 10]]},
         {"op": "delete", "id": ID},  # not a data-port operation
+        {"op": "call", "call": {"op": "rm", "id": ID, "paths": ["x"]}},  # not a read's
+        {"op": "call", "call": {"op": "configure", "id": ID, "index": 0, "peers": []}},
+        {"op": "call", "call": 7},
+        {"op": "call"},
+        {"op": "call", "call": {"op": "stat", "id": ID, "paths": 5}},
+        {"op": "call", "call": {"op": "stat", "paths": ["a"]}},  # no identity
     ],
 )
 def test_bad_requests_get_an_error_and_the_connection_keeps_serving(
@@ -234,6 +242,15 @@ def test_forged_identity_on_a_secure_cluster_is_refused(tmp_path: Path) -> None:
         assert conn.reply()[0]["error"] == "PermissionDenied"
         conn.request({"op": "read", "id": alice.to_wire(), "tok": good, "chunks": []})
         assert conn.reply()[0] == {"end": True, "n": 0}
+        # a read's metadata operations are checked alike
+        stat = {"op": "stat", "paths": ["alice/f"]}
+        conn.request({"op": "call", "call": {**stat, "id": ID}})
+        assert conn.reply()[0]["error"] == "Unauthenticated"
+        conn.request({"op": "call", "call": {**stat, "id": ID, "tok": good}})
+        assert conn.reply()[0]["error"] == "PermissionDenied"
+        conn.request({"op": "call", "call": {**stat, "id": alice.to_wire(), "tok": good}})
+        header, body = conn.reply()
+        assert header["end"] and wire.unpack(body)[0]["recs"] == [None]
         conn.close()
         # and a client with a token reads over the data port
         client = Client(cl.spec, token=good)
@@ -241,6 +258,71 @@ def test_forged_identity_on_a_secure_cluster_is_refused(tmp_path: Path) -> None:
         client.write("alice/f", data)
         assert client.read("alice/f") == data
         assert admin.status()[0]["data_bytes_sent"] >= len(data)
+
+
+def test_a_reader_needs_no_grpc_when_the_cluster_file_lists_the_endpoints(
+    spec: ClusterSpec, cluster_file: str, prefix: str
+) -> None:
+    """Metadata, listings, small and large reads all go over the data ports: a reader
+    opens no gRPC channel, so the process it runs in may still fork."""
+    assert len(spec.endpoints) == len(spec.servers)
+    writer = Client(spec, chunk_size=1 << 20)
+    big, small = os.urandom(3 << 20), os.urandom(100)
+    writer.write(f"{prefix}/big", big)
+    writer.write(f"{prefix}/small", small)
+
+    async def read() -> None:
+        async with AsyncClient(spec) as client:
+            assert (await client.info(f"{prefix}/big"))["size"] == len(big)
+            assert await client.read(f"{prefix}/big") == big
+            assert await client.read_many([f"{prefix}/small", f"{prefix}/big"]) == [small, big]
+            names = [f["name"] for f in await client.ls(prefix)]
+            assert sorted(names) == [f"{prefix}/big", f"{prefix}/small"]
+            assert isinstance(await client.info_many([f"{prefix}/none"]), list)
+            assert client._channels == {}
+
+    asyncio.run(read())
+    # in a fresh process: gRPC never started, so it could fork workers that read
+    code = (
+        "import fsspec, iosvc.client as c\n"
+        f"assert fsspec.filesystem('iosvc').cat('{prefix}/big') == open(0, 'rb').read()\n"
+        "print(c.fork_safe())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=big,
+        capture_output=True,
+        env={**os.environ, "IOSVC_CLUSTER": cluster_file},
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == b"True"
+
+
+def test_a_client_of_a_stale_cluster_file_asks_the_restarted_server(tmp_path: Path) -> None:
+    """A restarted server has a new data port and instance: a client made from the cluster
+    file written before fails its hello, asks the server over gRPC and reads; the cluster
+    rewrites the file."""
+    cluster_file = tmp_path / "cluster.json"
+    with LocalCluster(
+        2, directory=tmp_path / "d", workdir=tmp_path / "w", cluster_file=cluster_file
+    ) as cl:
+        assert cl.spec is not None
+        old = cl.spec
+        data = os.urandom(3 << 20)  # chunks on both servers
+        Client(old, chunk_size=1 << 20).write("f", data)
+        cl.kill(1)
+        cl.restart(1)  # its data back from disk, on a new data port
+        assert cl.spec.endpoints[1]["instance"] != old.endpoints[1]["instance"]
+        assert ClusterSpec.load(cluster_file).endpoints == cl.spec.endpoints
+        stale = Client(old)
+        assert stale.aio._data._ports[1] == (
+            old.endpoints[1]["data_port"],
+            old.endpoints[1]["instance"],
+        )
+        assert stale.read("f") == data
+        fresh = cl.spec.endpoints[1]
+        assert stale.aio._data._ports[1] == (fresh["data_port"], fresh["instance"])
 
 
 def test_reads_survive_a_server_restart(tmp_path: Path) -> None:

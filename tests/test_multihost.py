@@ -106,6 +106,9 @@ def _write_big(hosts: Hosts) -> list[str]:
 def test_cluster_file_and_striping_across_hosts(hosts: Hosts) -> None:
     spec = json.loads(hosts.cluster_file.read_text())
     assert spec["servers"] == [f"{a}:7311" for a in hosts.net.addresses[:SERVERS]]
+    # Each server's endpoints, so readers start without a gRPC call (iosvc.dataplane).
+    assert [isinstance(e["data_port"], int) for e in spec["endpoints"]] == [True] * SERVERS
+    assert len({e["instance"] for e in spec["endpoints"]}) == SERVERS
     _, servers, used = _write_big(hosts)
     assert servers == "[0, 1, 2]"
     assert all(u > 4 << 20 for u in json.loads(used))  # every host holds a third of the chunks
