@@ -256,11 +256,13 @@ class StreamingDataset(IterableDataset[Sample]):
 
     Notes
     -----
-    **Fork rule.** gRPC (iosvc's transport) does not survive ``fork()`` once used. This
-    dataset does no I/O until it is iterated (or ``len()``/``state_dict()`` is called), so a
-    DataLoader may fork its workers if the parent has not used iosvc; when it has, start the
-    workers with ``multiprocessing_context="forkserver"`` (or ``"spawn"``), which
-    :class:`dataloaders.DataLoader` does by itself when it is needed.
+    **Fork rule.** gRPC (iosvc's control plane) does not survive ``fork()`` once used.
+    Readers need none when the cluster file lists the servers' endpoints (``iosvc up`` and
+    multi-node clusters write them): metadata and chunks then go over the data ports, so a
+    parent that has only read (``len()``, ``state_dict()``, its own reads) may still fork
+    its workers. A parent that has used gRPC (it wrote, or its cluster file lists no
+    endpoints) must start them with ``multiprocessing_context="forkserver"`` (or
+    ``"spawn"``), which :class:`dataloaders.DataLoader` does by itself when it is needed.
 
     **Epochs.** An exhausted iteration advances the epoch of the copy that ran it (the
     main process's with ``num_workers=0``, each persistent worker's otherwise). With a plain

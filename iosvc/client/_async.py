@@ -131,7 +131,9 @@ def fork_safe() -> bool:
     gRPC's core does not survive ``fork()`` once it has started: False after this process (or
     the one it was forked from) has made a gRPC channel. Start worker processes with
     ``forkserver`` or ``spawn`` then; clients made before the fork keep working in the child
-    only while this is True.
+    only while this is True. Reads open no channel when the cluster file lists the servers'
+    endpoints (they go over the data ports, see :mod:`iosvc.dataplane`); writes and admin
+    operations do.
     """
     return not (_grpc_started or _forked_after_grpc)
 
