@@ -71,6 +71,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -434,6 +435,8 @@ def read_epoch(
             first_samples = len(labels)
             if first_only:
                 stop.set()
+                if wire is not None:
+                    wire.stop()  # not left running (and holding tmpfs) into the next probe
                 return {"first_batch_s": first}
         samples += len(labels)
         if dataset == "images":
@@ -546,13 +549,23 @@ class _Wire:
     def wait(self) -> float:
         """Seconds from :meth:`go` until the receiver had every byte; cleans up."""
         (end,) = struct.unpack("<d", os.read(self._done, 8))
+        self._clean_up()
+        return float(end - self._start)
+
+    def stop(self) -> None:
+        """End both processes now and clean up (a probe that stops at its first batch)."""
+        for pid in self._pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._clean_up()
+
+    def _clean_up(self) -> None:
         for pid in self._pids:
             os.waitpid(pid, 0)
         os.close(self._go)
         os.close(self._done)
         if self._into is not None:
             shutil.rmtree(self._into, ignore_errors=True)
-        return float(end - self._start)
 
 
 # ------------------------------------------------------------------------- orchestration
