@@ -226,11 +226,11 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
             _import_filesystem(ds.url)
         if starting and (is_local(ds.url) or protocol_of(ds.url) != "iosvc"):
             # Read once here and inherited by the workers about to start. Not for iosvc://
-            # URLs: reading it here would use gRPC before the workers fork (the fork context
-            # was chosen above on the promise that it had not). The epoch order is not
-            # computed here: each worker sorts only the shuffle windows of its own streams
-            # (StreamingDataset._ids_at), in parallel, instead of this process sorting all of
-            # them before the first fork.
+            # URLs: reading it here could use gRPC (a cluster file without endpoints) after
+            # the fork context was chosen above on the promise that it had not. The epoch
+            # order is not computed here: each worker sorts only the shuffle windows of its
+            # own streams (StreamingDataset._ids_at), in parallel, instead of this process
+            # sorting all of them before the first fork.
             ds.manifest  # noqa: B018
         self._running_epoch = epoch
         self._batches = 0

@@ -1,9 +1,9 @@
 """The data plane: chunk reads and writes over plain TCP, beside the gRPC control plane.
 
-gRPC carries every operation; bulk chunk transfers may also go over a server's *data port*,
-a plain TCP listener. Each connection carries one request at a time, as frames of
-``[u32 header length][msgpack header]`` followed by ``n`` raw payload bytes where the header
-says ``"n": n``::
+gRPC carries every operation; bulk chunk transfers and a read's metadata operations may
+also go over a server's *data port*, a plain TCP listener. Each connection carries one
+request at a time, as frames of ``[u32 header length][msgpack header]`` followed by ``n``
+raw payload bytes where the header says ``"n": n``::
 
     hello     {"op": "hello", "to": instance}   (the instance id ``endpoints`` gave with the port)
       reply   {"end": true, "n": 0}, or {"error": "Unavailable", ...} and a close: the port
@@ -26,10 +26,12 @@ says ``"n": n``::
       reply   {"end": true, "n": 0, "chunks": c, "bytes": b[, "failed": [name, msg]]}
 
 A reader thus needs no gRPC at all when the cluster file lists the servers' ``endpoints``
-(``iosvc.config.ClusterSpec``): a DataLoader worker starts without a gRPC channel (each
-cost a worker ~5 ms of CPU and a first call of 5-13 ms), and a process that has only read
-may still fork (gRPC's core does not survive ``fork``). Writes, listings of every server and
-admin operations stay on gRPC.
+(``iosvc.config.ClusterSpec``; each says which ``calls`` its port answers): a DataLoader
+worker starts without a gRPC channel (each cost a worker ~5 ms of CPU and a first call of
+5-13 ms), and a process that has only read may still fork (gRPC's core does not survive
+``fork``). A stale endpoint (a restarted server) is looked up in the cluster file again,
+and asked of the server over gRPC only if the file has nothing newer. Writes' metadata
+(commits, removals), ``status`` and admin operations stay on gRPC.
 
 A write segment (its chunks up to the ``flush``) is what a gRPC ``WriteChunks`` call is: after
 a failed chunk the server reads and drops the rest of the segment, and its reply names the

@@ -175,7 +175,7 @@ def test_a_read_request_streams_pieces_then_end(
         {"op": "read", "id": ID, "chunks": [["c/0/abc/0", 0, 10]]},
         {"op": "delete", "id": ID},  # not a data-port operation
         {"op": "call", "call": {"op": "rm", "id": ID, "paths": ["x"]}},  # not a read's
-        {"op": "call", "call": {"op": "configure", "id": ID, "index": 0, "peers": []}},
+        {"op": "call", "call": {"op": "policy_set", "id": ID, "policy": "job-fair"}},
         {"op": "call", "call": 7},
         {"op": "call"},
         {"op": "call", "call": {"op": "stat", "id": ID, "paths": 5}},
@@ -189,6 +189,9 @@ def test_bad_requests_get_an_error_and_the_connection_keeps_serving(
     reply, _ = raw.reply()
     assert reply["error"] in {"InvalidArgument", "Unauthenticated"}, reply
     assert reply["msg"]
+    call = header.get("call")
+    if isinstance(call, dict) and call.get("op") in ("rm", "policy_set"):
+        assert "not served on the data port" in reply["msg"]
     # the stream is still in step: a good request on the same connection is answered
     raw.request({"op": "read", "id": ID, "chunks": []})
     assert raw.reply()[0] == {"end": True, "n": 0}
@@ -251,6 +254,10 @@ def test_forged_identity_on_a_secure_cluster_is_refused(tmp_path: Path) -> None:
         conn.request({"op": "call", "call": {**stat, "id": alice.to_wire(), "tok": good}})
         header, body = conn.reply()
         assert header["end"] and wire.unpack(body)[0]["recs"] == [None]
+        # and so are the paths a job may read
+        bob = {"op": "stat", "paths": ["bob/x"], "id": alice.to_wire(), "tok": good}
+        conn.request({"op": "call", "call": bob})
+        assert conn.reply()[0]["error"] == "PermissionDenied"
         conn.close()
         # and a client with a token reads over the data port
         client = Client(cl.spec, token=good)
@@ -299,10 +306,66 @@ def test_a_reader_needs_no_grpc_when_the_cluster_file_lists_the_endpoints(
     assert out.stdout.strip() == b"True"
 
 
+def test_a_dead_pooled_connection_costs_a_reader_no_grpc(spec: ClusterSpec, prefix: str) -> None:
+    """A pooled connection the server closed (after its idle time, or a restart) is no
+    reason to ask for the port again: the next connection to it checks it."""
+    data = os.urandom(3 << 20)
+    Client(spec, chunk_size=1 << 20).write(f"{prefix}/f", data)
+
+    async def read() -> None:
+        async with AsyncClient(spec) as client:
+            assert await client.read(f"{prefix}/f") == data
+            ports = dict(client._data._ports)
+            idle = [fd for fds in client._data._idle.values() for fd in fds]
+            assert idle
+            for fd in idle:  # as the server's idle close would
+                with socket.socket(fileno=os.dup(fd)) as dup:
+                    dup.shutdown(socket.SHUT_RDWR)
+            assert await client.read(f"{prefix}/f") == data
+            assert (await client.info(f"{prefix}/f"))["size"] == len(data)
+            assert client._data._ports == ports and client._channels == {}
+
+    asyncio.run(read())
+
+
+def test_servers_that_answer_no_calls_on_their_data_port_are_asked_over_grpc(
+    spec: ClusterSpec, prefix: str
+) -> None:
+    """Endpoints without ``calls`` (servers older than them): metadata through gRPC, chunks
+    over the data port, as before."""
+    older = dataclasses.replace(
+        spec, endpoints=tuple({k: v for k, v in e.items() if k != "calls"} for e in spec.endpoints)
+    )
+    data = os.urandom(3 << 20)
+    Client(spec, chunk_size=1 << 20).write(f"{prefix}/f", data)
+
+    async def read() -> None:
+        async with AsyncClient(older) as client:
+            assert await client.read(f"{prefix}/f") == data
+            assert client._channels  # the stat went through gRPC
+
+    asyncio.run(read())
+
+
+@pytest.mark.parametrize("data_plane", ["1", "0"])
+def test_a_batch_of_small_files_larger_than_a_message_is_read_whole(
+    tmp_path: Path, data_plane: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_small inlines up to half a message of files; the others are read by chunks
+    (a batch over the message limit failed whole, over gRPC as over the data port)."""
+    monkeypatch.setenv("IOSVC_DATA_PLANE", data_plane)
+    with LocalCluster(1, memory=160 << 20, workdir=tmp_path) as cl:
+        assert cl.spec is not None
+        client = Client(cl.spec)
+        files = {f"s/{i}": os.urandom((2 << 20) - 64 - i) for i in range(40)}  # 80 MiB
+        client.write_many(files)
+        assert client.read_many(list(files)) == list(files.values())
+
+
 def test_a_client_of_a_stale_cluster_file_asks_the_restarted_server(tmp_path: Path) -> None:
-    """A restarted server has a new data port and instance: a client made from the cluster
-    file written before fails its hello, asks the server over gRPC and reads; the cluster
-    rewrites the file."""
+    """A restarted server has a new data port and instance, which the cluster writes into
+    its cluster file: a client made from the file before the restart finds them there (no
+    gRPC); one given the old endpoints otherwise fails its hello and asks the server."""
     cluster_file = tmp_path / "cluster.json"
     with LocalCluster(
         2, directory=tmp_path / "d", workdir=tmp_path / "w", cluster_file=cluster_file
@@ -311,6 +374,7 @@ def test_a_client_of_a_stale_cluster_file_asks_the_restarted_server(tmp_path: Pa
         old = cl.spec
         data = os.urandom(3 << 20)  # chunks on both servers
         Client(old, chunk_size=1 << 20).write("f", data)
+        from_file = Client(cluster_file)
         cl.kill(1)
         cl.restart(1)  # its data back from disk, on a new data port
         assert cl.spec.endpoints[1]["instance"] != old.endpoints[1]["instance"]
@@ -323,6 +387,10 @@ def test_a_client_of_a_stale_cluster_file_asks_the_restarted_server(tmp_path: Pa
         assert stale.read("f") == data
         fresh = cl.spec.endpoints[1]
         assert stale.aio._data._ports[1] == (fresh["data_port"], fresh["instance"])
+        assert stale.aio._channels  # asked over gRPC
+        assert from_file.read("f") == data
+        assert from_file.aio._data._ports[1] == (fresh["data_port"], fresh["instance"])
+        assert from_file.aio._channels == {}
 
 
 def test_reads_survive_a_server_restart(tmp_path: Path) -> None:

@@ -428,16 +428,18 @@ def test_servers_that_do_not_say_are_asked_once(
     plain = Client(dataclasses.replace(disk_cluster.spec, endpoints=()))  # older servers
     prefix = "ip/asked"
     asked: list[int] = []
-    call = plain.aio.call
+    grpc_call = plain.aio._grpc_call
 
-    async def old_servers(server: int, header: dict[str, Any], payload: Any = b"") -> Any:
-        reply, body = await call(server, header, payload)
-        if header["op"] == "endpoints":
-            asked.append(server)
-            reply.pop("in_place_host", None)
-        return reply, body
+    async def old_servers(server: int, request: dict[str, Any], payload: Any = b"") -> Any:
+        reply = await grpc_call(server, request, payload)
+        if request["op"] != "endpoints":
+            return reply
+        asked.append(server)
+        header, body = wire.unpack(reply)
+        header.pop("in_place_host", None)
+        return wire.pack(header, body)
 
-    monkeypatch.setattr(plain.aio, "call", old_servers)
+    monkeypatch.setattr(plain.aio, "_grpc_call", old_servers)
     data = os.urandom(2 * MiB + 5)
     plain.write(f"{prefix}/asked", data)
     info = plain.info(f"{prefix}/asked")

@@ -30,11 +30,11 @@ from typing import Any, NamedTuple, TypeVar
 import grpc
 import xxhash
 
-from iosvc import dataplane, wire
+from iosvc import wire
 from iosvc._malloc import tune_client_malloc
 from iosvc.client import _dataplane, _pull
 from iosvc.client._mapped import MappedFile, can_map
-from iosvc.config import ClusterSpec
+from iosvc.config import ClusterSpec, find_cluster_file
 from iosvc.errors import (
     ERROR_BY_NAME,
     DataCorruption,
@@ -213,6 +213,10 @@ class AsyncClient:
         tls_ca: str | None = None,
     ) -> None:
         self.spec = cluster if isinstance(cluster, ClusterSpec) else ClusterSpec.load(cluster)
+        # Read again for a restarted server's endpoints (None: the caller gave a spec).
+        self._spec_file = None if isinstance(cluster, ClusterSpec) else find_cluster_file(cluster)
+        # Operations each server's data port answers (its endpoints say which).
+        self._port_calls: dict[int, frozenset[str]] = {}
         # TLS: the argument, $IOSVC_TLS_CA, then the cluster file's tls_ca (None: plaintext).
         self.tls_ca: str | None = (
             tls_ca or os.environ.get("IOSVC_TLS_CA") or self.spec.extra.get("tls_ca") or None
@@ -323,51 +327,77 @@ class AsyncClient:
     ) -> tuple[dict[str, Any], memoryview]:
         """One ``Call`` to ``server``; returns (reply header, reply payload).
 
-        A read's metadata operations (``dataplane.CALLS``) go over the server's data port
-        when its port is known: a reader then never starts gRPC (see
-        :mod:`iosvc.dataplane`)."""
-        if (
+        A read's metadata operations go over the server's data port where the server said
+        it answers them there (its ``endpoints``: ``calls``): a reader then never starts
+        gRPC (see :mod:`iosvc.dataplane`). The rest, and every call to a server without
+        a data port, go through gRPC."""
+        request = {**header, **self._auth}
+        by_port = (
             self._use_data_plane
             and not payload
-            and header.get("op") in dataplane.CALLS
-            and self._data.known(server)
-        ):
-            return await self._call_data_port(server, header)
-        frame = wire.pack({**header, **self._auth}, payload)
+            and header.get("op") in self._port_calls.get(server, ())
+        )
+
+        async def attempt() -> bytes | bytearray:
+            if by_port:
+                async with asyncio.timeout(self.timeout):
+                    # (asks for the port again after a failure: the cluster file first)
+                    sock = await self._data.acquire(server)
+                    if sock is not None:
+                        return await _dataplane.call(self._data, server, sock, request)
+            return await self._grpc_call(server, request, payload)
+
+        return wire.unpack(await self._retry(server, attempt))
+
+    async def _grpc_call(
+        self, server: int, request: dict[str, Any], payload: bytes | memoryview = b""
+    ) -> bytes:
         method = self._channel(server).unary_unary(wire.METHOD_CALL)
-
-        async def attempt() -> bytes:
-            reply: bytes = await method(frame, timeout=self.timeout)
-            return reply
-
-        return wire.unpack(await self._retry(server, attempt))
-
-    async def _call_data_port(
-        self, server: int, header: dict[str, Any]
-    ) -> tuple[dict[str, Any], memoryview]:
-        request = {**header, **self._auth}
-
-        async def attempt() -> bytearray:
-            async with asyncio.timeout(self.timeout):
-                sock = await self._data.acquire(server)
-                if sock is None:  # (the port is known: acquire asks for none)
-                    raise dataplane.FrameError(f"server {server} has no data port")
-                return await _dataplane.call(self._data, server, sock, request)
-
-        return wire.unpack(await self._retry(server, attempt))
+        reply: bytes = await method(wire.pack(request, payload), timeout=self.timeout)
+        return reply
 
     async def _ask_data_port(self, server: int) -> tuple[int, str] | None:
         """The server's data port and instance id (None: it has no data port); notes
-        whether its chunks can be read in place from this host."""
+        whether its chunks can be read in place from this host.
+
+        From the cluster file when it lists endpoints other than those found stale (a
+        restarted server's new ones: ``LocalCluster.restart`` rewrites the file), so a
+        reader needs no gRPC even then; else asked of the server."""
+        listed = self._listed_endpoints(server)
+        if listed is not None:
+            return self._take_endpoints(server, listed)
         try:
-            reply, _ = await self.call(server, {"op": "endpoints"})
+            reply, _ = wire.unpack(
+                await self._retry(
+                    server, lambda: self._grpc_call(server, {"op": "endpoints", **self._auth})
+                )
+            )
         except InvalidArgument:  # a server older than the data plane
             return None
         return self._take_endpoints(server, reply)
 
+    def _listed_endpoints(self, server: int) -> dict[str, Any] | None:
+        """``server``'s endpoints as the cluster file lists them now, unless this client
+        found them stale (or the file is another cluster's, or gone)."""
+        if self._spec_file is None:
+            return None
+        try:
+            spec = ClusterSpec.load(self._spec_file)
+        except IosvcError:
+            return None
+        if spec.servers != self.spec.servers or not spec.endpoints:
+            return None
+        listed = spec.endpoints[server]
+        if listed.get("instance") in self._data.stale.get(server, ()):
+            return None
+        return listed
+
     def _take_endpoints(self, server: int, reply: dict[str, Any]) -> tuple[int, str] | None:
         """The data port and instance of an ``endpoints`` answer (asked, or listed in the
-        cluster file); notes whether the server's chunks can be read in place from here."""
+        cluster file); notes whether the server's chunks can be read in place from here,
+        and which operations its data port answers (none from servers older than that)."""
+        calls = reply.get("calls")
+        self._port_calls[server] = frozenset(calls) if isinstance(calls, list) else frozenset()
         if "in_place_host" in reply:  # (older servers do not say: learnt from their reads)
             shares = reply["in_place_host"] is not None and reply["in_place_host"] == wire.host_id()
             self._note_in_place(server, shares)

@@ -53,6 +53,8 @@ class DataConnections:
         self._ask_port = ask_port
         self.connect_timeout = connect_timeout
         self._ports: dict[int, tuple[int, str] | None] = {}
+        #: Instances whose port failed to connect or to name that instance, per server.
+        self.stale: dict[int, set[str]] = {}
         # One question per server at a time: a worker's first reads all ask at once.
         self._asking: dict[int, asyncio.Future[tuple[int, str] | None]] = {}
         # Idle connections as bare descriptors: a client dropped without close() then
@@ -65,9 +67,12 @@ class DataConnections:
         """Take ``server``'s data port and instance as known (from the cluster file)."""
         self._ports[server] = endpoint
 
-    def known(self, server: int) -> bool:
-        """Whether ``server``'s data port is known (a connection needs no question first)."""
-        return self._ports.get(server) is not None
+    def _drop_port(self, server: int) -> None:
+        """The port did not answer as the server: ask it again (a restarted server
+        listens elsewhere), and never take that instance's again."""
+        endpoint = self._ports.pop(server, None)
+        if endpoint is not None:
+            self.stale.setdefault(server, set()).add(endpoint[1])
 
     async def port(self, server: int) -> tuple[int, str] | None:
         """The server's data port and instance (asked once, until a connection fails;
@@ -83,6 +88,8 @@ class DataConnections:
         try:
             # Shielded: a caller cancelled while waiting does not cancel the others' answer.
             got = await asyncio.shield(asking)
+        except IosvcError as exc:  # each caller its own (a shared one gathers tracebacks)
+            raise type(exc)(str(exc)) from exc
         finally:
             if asking.done() and self._asking.get(server) is asking:
                 del self._asking[server]
@@ -117,14 +124,14 @@ class DataConnections:
                     sock.close()
                     raise
         except (OSError, TimeoutError, IosvcError) as exc:
-            self._ports.pop(server, None)  # ask again: a restarted server listens elsewhere
+            self._drop_port(server)
             raise dataplane.FrameError(
                 f"cannot use the data port {host}:{port} of server {self.servers[server]}: "
                 f"{exc or type(exc).__name__}"
             ) from exc
         if "error" in reply or not reply.get("end"):
             sock.close()
-            self._ports.pop(server, None)
+            self._drop_port(server)
             raise dataplane.FrameError(
                 f"data port {host}:{port} is not server {self.servers[server]} any more: "
                 f"{reply.get('msg', reply)}"
@@ -141,9 +148,9 @@ class DataConnections:
 
     def forget(self, server: int) -> None:
         """After a connection to ``server`` broke: close its idle ones (they may be as dead,
-        e.g. the server restarted) and ask its port again."""
+        e.g. the server restarted). The port is kept: the next connection checks it (a
+        pooled connection the server closed after its idle time is no reason to ask)."""
         _close_all({server: self._idle.pop(server, [])})
-        self._ports.pop(server, None)
 
     def reset(self) -> None:
         """Close every idle connection (after fork, or on another event loop)."""

@@ -9,8 +9,9 @@ import socket
 from typing import Any
 
 from iosvc import dataplane
-from iosvc.errors import InternalError, InvalidArgument, IosvcError, Unavailable
+from iosvc.errors import InternalError, InvalidArgument, IosvcError, QuotaExceeded, Unavailable
 from iosvc.server._service import IN_PLACE_RUN, IoService
+from iosvc.wire import MAX_MESSAGE_SIZE
 
 __all__ = ["MAX_DATA_CONNECTIONS", "DataPlaneServer"]
 
@@ -29,8 +30,8 @@ class _PeerGone(Exception):
 
 
 class DataPlaneServer:
-    """Accepts data connections and serves their reads and write segments through
-    ``service``.
+    """Accepts data connections and serves their reads, write segments and a read's
+    metadata operations (``dataplane.CALLS``) through ``service``.
 
     Parameters
     ----------
@@ -200,6 +201,11 @@ class DataPlaneServer:
                     f"(only {sorted(dataplane.CALLS)}; the others over gRPC)"
                 )
             reply = await self.service.call(call, memoryview(b""))
+            if len(reply) > MAX_MESSAGE_SIZE:  # what gRPC refuses to send (RESOURCE_EXHAUSTED)
+                raise QuotaExceeded(
+                    f"reply of {len(reply)} bytes is over the {MAX_MESSAGE_SIZE}-byte message "
+                    "limit: ask for fewer files at once"
+                )
         except IosvcError as exc:
             await self._send(conn, dataplane.error_frame(exc))
             return

@@ -202,19 +202,21 @@ async def _write_cluster_file(service: IoService, options: ServerOptions) -> Non
     """
     assert options.cluster_file is not None
     waiting = set(range(len(service.peers))) - {0}
-    endpoints: dict[int, dict[str, Any]] = {0: service.endpoints()}
     started = time.monotonic()
     while waiting:
         for peer in sorted(waiting):
-            reply = await service._peer_call(peer, {"op": "endpoints"})
-            if reply is not None:
-                endpoints[peer] = reply
+            if await service._peer_call(peer, {"op": "status"}) is not None:
                 waiting.discard(peer)
         if waiting:
             if time.monotonic() - started > 300:
                 log.error("peers %s never answered; no cluster file written", sorted(waiting))
                 return
             await asyncio.sleep(0.2)
+    # Each server's endpoints, so readers need no gRPC call before their first read; none
+    # if a peer cannot say (older than them): clients then ask each server.
+    endpoints = [service.endpoints()]
+    for peer in range(1, len(service.peers)):
+        endpoints.append(await service._peer_call(peer, {"op": "endpoints"}) or {})
     storage = f"dir {options.directory}" if options.directory else "memory"
     extra: dict[str, Any] = {}
     if options.tls_cert:
@@ -223,7 +225,7 @@ async def _write_cluster_file(service: IoService, options: ServerOptions) -> Non
         servers=tuple(service.peers),
         storage=storage,
         secure=service.auth.secure,
-        endpoints=tuple(endpoints[i] for i in range(len(service.peers))),
+        endpoints=tuple(endpoints) if all(endpoints) else (),
         extra=extra,
     )
     spec.save(options.cluster_file)

@@ -22,7 +22,7 @@ import grpc
 import msgpack
 import xxhash
 
-from iosvc import wire
+from iosvc import dataplane, wire
 from iosvc.errors import (
     AlreadyExists,
     Cancelled,
@@ -70,6 +70,10 @@ MAX_PULL_BYTES = 64 * 1024 * 1024
 
 #: Operations that change how the server treats everyone (admin only once tokens are signed).
 ADMIN_OPS = frozenset({"configure", "policy_set", "quota_set"})
+#: Bytes of small files one ``read_small`` reply carries; the rest of the batch is answered
+#: with records the client reads by chunks (a batch of 256 files of 2 MiB was 512 MiB: over
+#: the message limit, so the whole batch failed).
+INLINE_BYTES = wire.MAX_MESSAGE_SIZE // 2
 #: Where a server keeps the per-user quotas an admin set (persistent stores keep them).
 QUOTA_KEY = "q/quotas"
 #: How stale the peers' usage may be when a commit is checked against a quota.
@@ -610,10 +614,12 @@ class IoService:
     async def _op_read_small(
         self, header: dict[str, Any], payload: memoryview, who: Caller
     ) -> tuple[dict[str, Any], Any]:
-        """Read many files homed here; single-chunk files come back inline.
+        """Read many files homed here; single-chunk files come back inline (up to
+        ``INLINE_BYTES`` in all).
 
         Each entry of the reply is ``[size, checksum]`` (inline data), ``{"rec": record}`` (a
-        multi-chunk file the client must fetch by chunks) or ``[error class, message]``.
+        file the client must fetch by chunks: several chunks, or past the inline bytes) or
+        ``[error class, message]``.
         """
         paths = _list_arg(header, "paths")
         assert self.index is not None or self._require_configured()
@@ -621,16 +627,18 @@ class IoService:
         parts: list[Any] = []
         nbytes = 0
         records = []
-        for path in paths:
+        inline: set[int] = set()  # single-chunk files sent in the reply, up to INLINE_BYTES
+        for n, path in enumerate(paths):
             rec = self.namespace.get(path) if isinstance(path, str) else None
             if rec is not None and not self.auth.visible(who, path):
                 rec = None  # answered below as PermissionDenied
             records.append(rec)
-            if rec is not None and rec.n_chunks == 1:
+            if rec is not None and rec.n_chunks == 1 and nbytes + rec.size <= INLINE_BYTES:
                 nbytes += rec.size
+                inline.add(n)
         async with self.gate.admit(who.identity, nbytes):
             get = self.store.get
-            for path, rec in zip(paths, records, strict=True):
+            for n, (path, rec) in enumerate(zip(paths, records, strict=True)):
                 if rec is None:
                     try:
                         self.auth.may_read(who, validate_path(path))
@@ -646,7 +654,7 @@ class IoService:
                     entries.append(_error_entry(IsADirectory(f"{path} is a directory")))
                 elif rec.n_chunks == 0:
                     entries.append([0, 0])
-                elif rec.n_chunks == 1:
+                elif n in inline:
                     try:
                         value = await get(f"c/{self.index}/{rec.uid}/0")
                     except NotFound:
@@ -756,7 +764,12 @@ class IoService:
         Cluster files list them too (:attr:`iosvc.config.ClusterSpec.endpoints`)."""
         port = self.data_plane.port if self.data_plane is not None else None
         in_place = wire.host_id() if self.store.keeps_files else None
-        return {"data_port": port, "instance": self.instance, "in_place_host": in_place}
+        return {
+            "data_port": port,
+            "instance": self.instance,
+            "in_place_host": in_place,
+            "calls": sorted(dataplane.CALLS) if port is not None else [],
+        }
 
     async def _op_configure(
         self, header: dict[str, Any], payload: memoryview, who: Caller
