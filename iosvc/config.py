@@ -53,11 +53,11 @@ class ClusterSpec:
         Whether servers require signed job tokens.
     endpoints
         Each server's ``endpoints`` answer when the file was written (its data port, process
-        instance and in-place host), or empty: a client then reads without a gRPC call
-        first (metadata and chunks alike go over the data ports, see
+        instance, in-place host and the calls its port answers), or empty. With them a
+        client reads without gRPC (metadata and chunks alike go over the data ports, see
         :mod:`iosvc.dataplane`), so a process may fork DataLoader workers after reading. A
-        stale entry (the server restarted) is noticed at the data port's ``hello`` and asked
-        of the server again.
+        stale entry (the server restarted) fails the data port's ``hello``; the client then
+        reads the file again and, if it lists nothing newer, asks the server.
     """
 
     servers: tuple[str, ...]

@@ -255,7 +255,7 @@ class AsyncClient:
         )
         self._use_data_plane = self.tls_ca is None and _dataplane.enabled()
         # Endpoints the cluster file lists: no gRPC call before the first read (a stale
-        # one fails its hello, and the server is asked then).
+        # one fails its hello; then the file is read again, see _ask_data_port).
         for server, reply in enumerate(self.spec.endpoints):
             endpoint = self._take_endpoints(server, reply)
             if endpoint is not None:
