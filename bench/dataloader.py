@@ -108,6 +108,8 @@ REMOTE = {
     "iosvc-remote-private",
     "iosvc-remote-dir",
 }
+#: CPUs a reader process runs on with --pin (inherited by its workers).
+PIN_ENV = "BENCH_READER_CPUS"
 #: Not loaders: the local epoch with a remote read's unavoidable work beside it (_Wire).
 CEILINGS = {"tcp-ceiling", "fill-ceiling"}
 PEERS = {"mosaicml-streaming", "litdata"}  # run in the peer venv
@@ -572,6 +574,8 @@ class _Wire:
 def _child(args: argparse.Namespace) -> None:
     """``--child write|read|first SYSTEM DATASET N LOCATION``: one step in a fresh process."""
     action, system, dataset, n, location = args.child
+    if os.environ.get(PIN_ENV):  # (--pin) this process and the workers it forks
+        os.sched_setaffinity(0, {int(c) for c in os.environ[PIN_ENV].split(",")})
     if action == "write":
         out = {"bytes_on_disk": WRITERS[system](dataset, int(n), location)}
     else:
@@ -670,6 +674,12 @@ def main() -> None:
         default=REPEATS,
         help="epochs per cell (each a fresh process)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="readers (and their workers) on CPU 0, the iosvc servers on the other CPUs: as "
+        "on a cluster, where servers do not share a reader's cores (not with the ceilings)",
+    )
     parser.add_argument("--make-peer-venv", action="store_true", help="build the peer venv")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -710,6 +720,17 @@ def main() -> None:
         cluster.spec.save(work / "cluster.json")
         on_disk.spec.save(work / "cluster-dir.json")
         env = {**os.environ, "IOSVC_CLUSTER": str(work / "cluster.json"), "OMP_NUM_THREADS": "1"}
+        if args.pin:
+            if set(args.systems) & CEILINGS:
+                raise SystemExit("--pin: the ceilings assume shared cores; leave them out")
+            others = os.sched_getaffinity(0) - {0}
+            if not others:
+                raise SystemExit("--pin needs at least 2 CPUs")
+            for proc in [*cluster.procs, *on_disk.procs]:
+                assert proc is not None
+                for thread in os.listdir(f"/proc/{proc.pid}/task"):  # new ones inherit it
+                    os.sched_setaffinity(int(thread), others)
+            env[PIN_ENV] = "0"
         env_dir = {**env, "IOSVC_CLUSTER": str(work / "cluster-dir.json")}
         # The same servers, every read through gRPC instead of the data port (iosvc.dataplane)
         env_grpc = {**env, "IOSVC_DATA_PLANE": "0"}
@@ -872,6 +893,7 @@ def main() -> None:
             "batch_size": BATCH,
             "num_workers": WORKERS,
             "buffers": args.buffers,
+            "pinned": args.pin,
             "repeats": args.repeats,
             "samples": n_by_dataset,
             "machine": {
