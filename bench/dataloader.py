@@ -510,6 +510,8 @@ class _Wire:
         return pid
 
     def _send(self, address: tuple[str, int], go: int) -> None:
+        if os.environ.get(PIN_ENV):  # (--pin) the sender stands for the servers
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - {0} or {0})
         source = memoryview(os.urandom(1 << 20) * 256)
         sock = socket.create_connection(address)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -677,8 +679,9 @@ def main() -> None:
     parser.add_argument(
         "--pin",
         action="store_true",
-        help="readers (and their workers) on CPU 0, the iosvc servers on the other CPUs: as "
-        "on a cluster, where servers do not share a reader's cores (not with the ceilings)",
+        help="readers (and their workers) on CPU 0, the iosvc servers (and the ceilings' "
+        "senders) on the other CPUs: as on a cluster, where servers do not share a reader's "
+        "cores",
     )
     parser.add_argument("--make-peer-venv", action="store_true", help="build the peer venv")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
@@ -721,8 +724,6 @@ def main() -> None:
         on_disk.spec.save(work / "cluster-dir.json")
         env = {**os.environ, "IOSVC_CLUSTER": str(work / "cluster.json"), "OMP_NUM_THREADS": "1"}
         if args.pin:
-            if set(args.systems) & CEILINGS:
-                raise SystemExit("--pin: the ceilings assume shared cores; leave them out")
             others = os.sched_getaffinity(0) - {0}
             if not others:
                 raise SystemExit("--pin needs at least 2 CPUs")
