@@ -243,18 +243,12 @@ async def read_frames(
         await loop.sock_sendall(sock, dataplane.frame({**request, "op": "read"}))
         reader = dataplane.FrameReader(loop, sock)
         while True:
-            header = await reader.header()
-            size = header.get("n", 0)
-            if not isinstance(size, int) or not 0 <= size <= dataplane.MAX_PAYLOAD:
-                raise DataCorruption(f"data port sent a payload length of {size!r}")
-            if "error" in header or header.get("end"):
+            header = await _reply_header(reader, lease, dataplane.MAX_PAYLOAD)
+            size = header["n"]
+            if header.get("end"):
                 # Nothing may follow the last frame: the next request's replies would be
                 # read out of step.
                 lease.clean = size == 0 and not reader.buffered
-                if "error" in header:
-                    raise dataplane.error_from_frame(
-                        header, f"server {connections.servers[server]}"
-                    )
                 return
             if "i" not in header:
                 raise InvalidArgument("data port reply without a piece index")
@@ -278,19 +272,29 @@ async def call(
     with _Lease(connections, server, sock) as lease:
         await loop.sock_sendall(sock, dataplane.frame({"op": "call", "call": request}))
         reader = dataplane.FrameReader(loop, sock)
-        header = await reader.header()
-        size = header.get("n", 0)
-        if not isinstance(size, int) or not 0 <= size <= MAX_MESSAGE_SIZE:
-            raise DataCorruption(f"data port sent a reply length of {size!r}")
-        if "error" in header:
-            lease.clean = size == 0 and not reader.buffered
-            raise dataplane.error_from_frame(header, f"server {connections.servers[server]}")
+        header = await _reply_header(reader, lease, MAX_MESSAGE_SIZE)
         if not header.get("end"):
             raise InvalidArgument(f"data port answered a call with {header!r}")
-        reply = bytearray(size)
+        reply = bytearray(header["n"])
         await reader.into(memoryview(reply))
         lease.clean = not reader.buffered
         return reply
+
+
+async def _reply_header(reader: dataplane.FrameReader, lease: _Lease, limit: int) -> dict[str, Any]:
+    """The next reply's header, its payload length ``n`` checked (at most ``limit``); an
+    error frame raises its :class:`~iosvc.errors.IosvcError` (the connection pooled again
+    if nothing follows it)."""
+    header = await reader.header()
+    size = header.setdefault("n", 0)
+    if not isinstance(size, int) or not 0 <= size <= limit:
+        raise DataCorruption(f"data port sent a payload length of {size!r}")
+    if "error" in header:
+        lease.clean = size == 0 and not reader.buffered
+        raise dataplane.error_from_frame(
+            header, f"server {lease.connections.servers[lease.server]}"
+        )
+    return header
 
 
 async def write_segment(

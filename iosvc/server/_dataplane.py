@@ -206,13 +206,8 @@ class DataPlaneServer:
                     f"reply of {len(reply)} bytes is over the {MAX_MESSAGE_SIZE}-byte message "
                     "limit: ask for fewer files at once"
                 )
-        except IosvcError as exc:
-            await self._send(conn, dataplane.error_frame(exc))
-            return
-        except Exception as exc:
-            log.exception("internal error on the data port", exc_info=exc)
-            error = InternalError(f"internal server error: {type(exc).__name__}: {exc}")
-            await self._send(conn, dataplane.error_frame(error))
+        except Exception as exc:  # the store's OSErrors too: the client is told, not cut off
+            await self._send(conn, dataplane.error_frame(_reported(exc)))
             return
         await self._send(conn, dataplane.frame({"end": True, "n": len(reply)}), reply)
 
@@ -235,11 +230,8 @@ class DataPlaneServer:
                         self.bytes_sent += len(payload)
         except _PeerGone:
             raise
-        except IosvcError as exc:
-            error = exc
         except Exception as exc:  # the store's OSErrors too: the client is told, not cut off
-            log.exception("internal error on the data port", exc_info=exc)
-            error = InternalError(f"internal server error: {type(exc).__name__}: {exc}")
+            error = _reported(exc)
         if error is not None:
             await self._send(conn, dataplane.error_frame(error))
         else:
@@ -290,6 +282,15 @@ class DataPlaneServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
+
+
+def _reported(exc: Exception) -> IosvcError:
+    """What a client is told of a failed request: an iosvc error as it is, anything else
+    logged here and sent as an ``InternalError``."""
+    if isinstance(exc, IosvcError):
+        return exc
+    log.exception("internal error on the data port", exc_info=exc)
+    return InternalError(f"internal server error: {type(exc).__name__}: {exc}")
 
 
 class _Segment:
